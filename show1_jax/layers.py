@@ -1,0 +1,543 @@
+"""Layers shared by the UNets and the VAE (channels-last, Flax NNX).
+
+Names of sub-modules follow the reference's state-dict names so the key tables stay short. Every module takes one
+``dtype`` that is both its parameter and its compute dtype; normalisation statistics and softmaxes run in at least
+float32 (see ``stat_dtype``). SPEC.md §1.3 lists the statistics axes, group counts and epsilons reproduced here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def stat_dtype(dtype) -> jnp.dtype:
+    """Dtype for statistics and softmax: float32 for 16-bit compute, the compute dtype otherwise."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """diffusers' activation names. ``gelu`` is the exact (erf) GELU (SPEC.md §1.3)."""
+    acts = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+        "relu": jax.nn.relu,
+    }
+    if name not in acts:
+        raise ValueError(f"unknown activation `{name}`; supported: {', '.join(acts)}")
+    return acts[name]
+
+
+def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def conv2d(
+    in_features: int, out_features: int, kernel: int, *, dtype, rngs: nnx.Rngs, stride: int = 1, padding=None
+) -> nnx.Conv:
+    """A 2-D conv on [N, H, W, C]; ``padding`` defaults to (kernel - 1) // 2 on every side, as the reference."""
+    pad = (kernel - 1) // 2 if padding is None else padding
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)) if isinstance(pad, int) else pad,
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over every axis but the first, channels last.
+
+    On [N, H, W, C] this is the per-image (per-frame) norm; on [B, F, H, W, C] its statistics span frames (the
+    temporal layers' behaviour). Callers choose by the shape they pass (SPEC.md §1.3).
+    """
+
+    def __init__(self, num_groups: int, channels: int, *, eps: float, dtype, rngs: nnx.Rngs | None = None):
+        if channels % num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {num_groups} groups")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+        self.scale = nnx.Param(jnp.ones((channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        shape = x.shape
+        g = self.num_groups
+        xs = x.astype(stat_dtype(self.dtype)).reshape(shape[0], -1, g, shape[-1] // g)
+        mean = xs.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xs - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((xs - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis (torch semantics: biased variance, eps inside the square root)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype, rngs: nnx.Rngs | None = None):
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        xs = x.astype(stat_dtype(self.dtype))
+        mean = xs.mean(-1, keepdims=True)
+        var = jnp.square(xs - mean).mean(-1, keepdims=True)
+        y = (xs - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, heads: int) -> Array:
+    """Multi-head softmax attention with scale 1/sqrt(head_dim), no mask.
+
+    Args:
+      q: [N, Lq, H*D]; k, v: [N, Lk, H*D] (channel index = head * D + d, SPEC.md §1.5).
+
+    Returns:
+      [N, Lq, H*D]
+    """
+    n, lq, hd = q.shape
+    d = hd // heads
+    q = q.reshape(n, lq, heads, d).transpose(0, 2, 1, 3)  # [N, H, Lq, D]: measured faster than BLHD on XLA-CPU
+    k = k.reshape(n, -1, heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(n, -1, heads, d).transpose(0, 2, 1, 3)
+    logits = jnp.einsum("NHQD,NHKD->NHQK", q * jnp.asarray(d**-0.5, q.dtype), k)
+    weights = jax.nn.softmax(logits.astype(stat_dtype(q.dtype)), axis=-1).astype(v.dtype)
+    out = jnp.einsum("NHQK,NHKD->NHQD", weights, v)
+    return out.transpose(0, 2, 1, 3).reshape(n, lq, hd)
+
+
+# --- time embeddings -------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_frequencies(dim: int, freq_shift: float) -> np.ndarray:
+    """The reference's float32 frequency table (golden README, "Sinusoidal timestep projection").
+
+    torch computes the exponent in float32 and exp in float32 (correctly rounded for these sizes); the float64
+    exp rounded to float32 reproduces it.
+    """
+    half = dim // 2
+    exponent = np.float32(-np.log(10000.0)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - freq_shift)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float, dtype) -> Array:
+    """Sinusoidal projection of integer timesteps / noise levels, as the reference computes it.
+
+    Args:
+      t: [B] timesteps.
+
+    Returns:
+      [B, dim] in ``dtype``: float32 argument (float32(t) * float32 freqs), sin/cos, rounded to float32 first.
+    """
+    freqs = jnp.asarray(sinusoidal_frequencies(dim, freq_shift))
+    arg = t.astype(jnp.float32)[:, None] * freqs[None, :]  # float32 product, as torch
+    wide = arg.astype(stat_dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32))
+    sin, cos = jnp.sin(wide).astype(jnp.float32), jnp.cos(wide).astype(jnp.float32)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(dtype)
+
+
+class TimestepEmbedding(nnx.Module):
+    """linear_1 -> act -> linear_2."""
+
+    def __init__(self, in_dim: int, dim: int, *, act: str, dtype, rngs: nnx.Rngs):
+        self.linear_1 = dense(in_dim, dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.act = activation(act)
+
+    def __call__(self, x: Array) -> Array:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class AttentionPooling(nnx.Module):
+    """Text pooling of the IF ``add_embedding``: a mean-token query attends over [query; tokens]."""
+
+    def __init__(self, heads: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.heads, self.dtype = heads, dtype
+        self.positional_embedding = nnx.Param(jax.random.normal(rngs.params(), (1, dim), dtype) / dim**0.5)
+        self.q_proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.k_proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.v_proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """x: [B, L, D] -> [B, D]."""
+        b, _, dim = x.shape
+        d = dim // self.heads
+        cls = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)  # pads included
+        tokens = jnp.concatenate([cls, x], axis=1)  # [B, 1 + L, D]
+        scale = jnp.asarray(d**-0.25, x.dtype)  # q and k each scaled by head_dim^-1/4
+        q = (self.q_proj(cls) * scale).reshape(b, 1, self.heads, d)
+        k = (self.k_proj(tokens) * scale).reshape(b, -1, self.heads, d)
+        v = self.v_proj(tokens).reshape(b, -1, self.heads, d)
+        logits = jnp.einsum("BQHD,BKHD->BHQK", q, k)
+        # The reference computes this softmax in float32 whatever the model dtype (golden README, float32 islands).
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        return jnp.einsum("BHQK,BKHD->BQHD", weights, v).reshape(b, dim)
+
+
+class TextTimeEmbedding(nnx.Module):
+    """``add_embedding`` for addition_embed_type 'text': norm1 -> pool -> proj -> norm2."""
+
+    def __init__(self, encoder_dim: int, time_dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(encoder_dim, eps=1e-5, dtype=dtype)
+        self.pool = AttentionPooling(heads, encoder_dim, dtype=dtype, rngs=rngs)
+        self.proj = dense(encoder_dim, time_dim, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(time_dim, eps=1e-5, dtype=dtype)
+
+    def __call__(self, encoder_hidden_states: Array) -> Array:
+        """[B, L, D_text] -> [B, D_time]."""
+        return self.norm2(self.proj(self.pool(self.norm1(encoder_hidden_states))))
+
+
+# --- resnets and resamplers ----------------------------------------------------------------------------------------
+
+
+def upsample_nearest(x: Array, size: tuple[int, int] | None = None) -> Array:
+    """Nearest-neighbour x2 (or to ``size``) on [N, H, W, C], torch's 'nearest' index rule."""
+    n, h, w, c = x.shape
+    if size is None or tuple(size) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    oh, ow = size
+    rows = (np.arange(oh) * h // oh).astype(np.int32)
+    cols = (np.arange(ow) * w // ow).astype(np.int32)
+    return x[:, rows][:, :, cols]
+
+
+def avg_pool2(x: Array) -> Array:
+    """2x2 average pool, stride 2, on [N, H, W, C] (torch AvgPool2d floors odd sizes)."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class ResnetBlock2D(nnx.Module):
+    """diffusers ResnetBlock2D, per frame, channels last.
+
+    ``time_scale_shift`` 'scale_shift': norm2(h) * (1 + scale) + shift with (scale, shift) from time_emb_proj
+    (scale first); 'default': h + time_emb_proj(act(emb)) before norm2. ``up``/``down`` resample the branch AND the
+    shortcut (nearest x2 / 2x2 average), as the IF-style resamplers do (SPEC.md §5.4).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        *,
+        groups: int,
+        eps: float,
+        act: str,
+        time_scale_shift: str = "default",
+        skip_time_act: bool = False,
+        output_scale_factor: float = 1.0,
+        up: bool = False,
+        down: bool = False,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        if time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"resnet_time_scale_shift `{time_scale_shift}` is not supported (default, scale_shift)")
+        self.time_scale_shift, self.skip_time_act = time_scale_shift, skip_time_act
+        self.output_scale_factor, self.up, self.down = output_scale_factor, up, down
+        self.act = activation(act)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
+        self.conv1 = conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        if temb_channels is not None:
+            proj_out = 2 * out_channels if time_scale_shift == "scale_shift" else out_channels
+            self.time_emb_proj = dense(temb_channels, proj_out, dtype=dtype, rngs=rngs)
+        else:
+            self.time_emb_proj = None
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
+        self.conv2 = conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv_shortcut = (
+            conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+        )
+
+    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+        """x: [N, H, W, Cin]; temb: [N, D] -> [N, H', W', Cout]."""
+        shortcut = x
+        h = self.act(self.norm1(x))
+        if self.up:
+            shortcut, h = upsample_nearest(shortcut), upsample_nearest(h)
+        elif self.down:
+            shortcut, h = avg_pool2(shortcut), avg_pool2(h)
+        h = self.conv1(h)
+        t = None
+        if self.time_emb_proj is not None and temb is not None:
+            t = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :]
+        if t is not None and self.time_scale_shift == "default":
+            h = h + t
+        h = self.norm2(h)
+        if t is not None and self.time_scale_shift == "scale_shift":
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.act(h))
+        if self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(shortcut)
+        out = shortcut + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nnx.Module):
+    """``downsamplers.0.conv``: 3x3 stride-2 conv; padding 0 means the VAE's asymmetric (0, 1) zero pad."""
+
+    def __init__(self, channels: int, *, padding: int = 1, dtype, rngs: nnx.Rngs):
+        self.padding = padding
+        self.conv = conv2d(channels, channels, 3, stride=2, padding=padding, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """``upsamplers.0.conv``: nearest x2 (or to the skip's size) then a 3x3 conv."""
+
+    def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
+        self.conv = conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, size: tuple[int, int] | None = None) -> Array:
+        return self.conv(upsample_nearest(x, size))
+
+
+# --- temporal layers -----------------------------------------------------------------------------------------------
+
+
+class TemporalConvLayer(nnx.Module):
+    """Four GroupNorm(32) -> SiLU -> (dropout) -> Conv(3 over frames) stages, added to the input.
+
+    Group count is hard-coded to 32 and the activation is SiLU whatever the config says; statistics span frames
+    (SPEC.md §5.4). ``dropout`` is the reference's train-mode Dropout(0.1) before conv2..conv4 (SPEC.md §1.6): it
+    is applied only when a PRNG key is passed.
+    """
+
+    GROUPS = 32
+
+    def __init__(self, channels: int, *, dropout: float = 0.1, dtype, rngs: nnx.Rngs):
+        self.dropout = dropout
+        for i in range(1, 5):
+            setattr(self, f"norm{i}", GroupNorm(self.GROUPS, channels, eps=1e-5, dtype=dtype))
+            setattr(
+                self,
+                f"conv{i}",
+                nnx.Conv(
+                    channels,
+                    channels,
+                    kernel_size=(3, 1),
+                    padding=((1, 1), (0, 0)),
+                    dtype=dtype,
+                    param_dtype=dtype,
+                    rngs=rngs,
+                ),
+            )
+
+    def __call__(self, x: Array, num_frames: int, dropout_key: Array | None = None) -> Array:
+        """x: [B*F, H, W, C] -> same."""
+        bf, hh, ww, c = x.shape
+        v = x.reshape(bf // num_frames, num_frames, hh * ww, c)  # [B, F, H*W, C]
+        h = v
+        for i in range(1, 5):
+            h = jax.nn.silu(getattr(self, f"norm{i}")(h))
+            if i > 1 and dropout_key is not None and self.dropout > 0:
+                keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1 - self.dropout, h.shape)
+                h = jnp.where(keep, h / (1 - self.dropout), 0).astype(h.dtype)
+            h = getattr(self, f"conv{i}")(h)
+        return (v + h).reshape(x.shape)
+
+
+class Attention(nnx.Module):
+    """Plain diffusers Attention (AttnProcessor2_0): to_q / to_k / to_v (no bias by default), to_out with bias."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = dense(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_k = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_v = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_out = dense(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        """x: [N, L, D]; context: [N, S, Dc] or None (self-attention) -> [N, L, D]."""
+        ctx = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads))
+
+
+class FeedForward(nnx.Module):
+    """GEGLU feed-forward: ``proj`` (ff.net.0.proj) D -> 2*4D split [value, gate]; value * gelu(gate); ``out``."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype, rngs: nnx.Rngs):
+        self.proj = dense(dim, 2 * mult * dim, dtype=dtype, rngs=rngs)
+        self.out = dense(mult * dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return self.out(value * jax.nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """norm1 -> attn1 (self) -> norm2 -> attn2 (cross, or self when ``context_dim`` is None) -> norm3 -> GEGLU."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, context_dim: int | None, dtype, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+        self.attn1 = Attention(dim, heads, head_dim, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dtype=dtype, rngs=rngs)
+        self.norm3 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.cross = context_dim is not None
+
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context if self.cross else None) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class TransformerTemporalModel(nnx.Module):
+    """Temporal attention (``temp_attentions.{j}``, ``transformer_in``): attention over frames at every pixel.
+
+    GroupNorm (statistics across frames, eps 1e-6) -> tokens [B*H*W, F, C] -> proj_in -> one BasicTransformerBlock
+    whose attn2 is also self-attention (double_self_attention) -> proj_out -> + input. No positional encoding over
+    time (SPEC.md §5.4).
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, *, groups: int, dtype, rngs: nnx.Rngs):
+        inner = heads * head_dim
+        self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
+        self.proj_in = dense(channels, inner, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List(
+            [BasicTransformerBlock(inner, heads, head_dim, context_dim=None, dtype=dtype, rngs=rngs)]
+        )
+        self.proj_out = dense(inner, channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, num_frames: int) -> Array:
+        """x: [B*F, H, W, C] -> same."""
+        bf, hh, ww, c = x.shape
+        b = bf // num_frames
+        h = self.norm(x.reshape(b, num_frames, hh, ww, c))
+        h = h.transpose(0, 2, 3, 1, 4).reshape(b * hh * ww, num_frames, c)  # [B*H*W, F, C]
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h)
+        h = self.proj_out(h)
+        h = h.reshape(b, hh, ww, num_frames, c).transpose(0, 3, 1, 2, 4).reshape(x.shape)
+        return h + x
+
+
+class Transformer2DModel(nnx.Module):
+    """Spatial transformer of the ModelScope-style blocks (SR2): GroupNorm(eps 1e-6) -> proj_in -> blocks with
+    cross-attention to the text -> proj_out -> + input. ``proj_in``/``proj_out`` are per-pixel linear maps whether
+    the checkpoint stores them as Linear or 1x1 Conv (use_linear_projection); the key table converts both.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        *,
+        context_dim: int,
+        groups: int,
+        num_layers: int = 1,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        inner = heads * head_dim
+        self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
+        self.proj_in = dense(channels, inner, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(inner, heads, head_dim, context_dim=context_dim, dtype=dtype, rngs=rngs)
+                for _ in range(num_layers)
+            ]
+        )
+        self.proj_out = dense(inner, channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, context: Array) -> Array:
+        """x: [N, H, W, C]; context: [N, S, Dc] -> [N, H, W, C]."""
+        n, hh, ww, c = x.shape
+        h = self.proj_in(self.norm(x).reshape(n, hh * ww, c))
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return self.proj_out(h).reshape(x.shape) + x
+
+
+class AddedKVAttention(nnx.Module):
+    """The IF spatial attention (AttnAddedKVProcessor): image tokens attend over [text; image] keys.
+
+    group_norm on the image tokens (per frame); text keys/values from add_k_proj/add_v_proj of norm_cross(context),
+    norm_cross being GroupNorm(32) over (channel groups, tokens); keys ordered [text, image]; output to_out + the
+    un-normalised input (SPEC.md §5.4).
+    """
+
+    CROSS_GROUPS = 32
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        *,
+        context_dim: int,
+        groups: int,
+        cross_attention_norm: str | None,
+        only_cross_attention: bool = False,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        inner = heads * head_dim
+        self.heads, self.only_cross_attention = heads, only_cross_attention
+        self.group_norm = GroupNorm(groups, channels, eps=1e-5, dtype=dtype)
+        if cross_attention_norm == "group_norm":
+            self.norm_cross = GroupNorm(self.CROSS_GROUPS, context_dim, eps=1e-5, dtype=dtype)
+        elif cross_attention_norm == "layer_norm":
+            self.norm_cross = LayerNorm(context_dim, eps=1e-5, dtype=dtype)
+        elif cross_attention_norm is None:
+            self.norm_cross = None
+        else:
+            raise ValueError(f"cross_attention_norm `{cross_attention_norm}` is not supported")
+        self.to_q = dense(channels, inner, dtype=dtype, rngs=rngs)
+        if not only_cross_attention:
+            self.to_k = dense(channels, inner, dtype=dtype, rngs=rngs)
+            self.to_v = dense(channels, inner, dtype=dtype, rngs=rngs)
+        self.add_k_proj = dense(context_dim, inner, dtype=dtype, rngs=rngs)
+        self.add_v_proj = dense(context_dim, inner, dtype=dtype, rngs=rngs)
+        self.to_out = dense(inner, channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, context: Array) -> Array:
+        """x: [N, H, W, C]; context: [N, S, Dc] -> [N, H, W, C]."""
+        n, hh, ww, c = x.shape
+        tokens = self.group_norm(x).reshape(n, hh * ww, c)
+        ctx = context if self.norm_cross is None else self.norm_cross(context)
+        q = self.to_q(tokens)
+        k, v = self.add_k_proj(ctx), self.add_v_proj(ctx)
+        if not self.only_cross_attention:
+            k = jnp.concatenate([k, self.to_k(tokens)], axis=1)
+            v = jnp.concatenate([v, self.to_v(tokens)], axis=1)
+        out = self.to_out(attention(q, k, v, self.heads))
+        return out.reshape(x.shape) + x
