@@ -169,25 +169,60 @@ def _split(channels: int, n: int, mode: str) -> tuple[int, int]:
 class _Layer(nnx.Module):
     """One layer of a block: resnet -> temporal conv [-> spatial attention -> temporal attention]."""
 
-    def __init__(self, cfg: UNetConfig, cin: int, cout: int, *, attn: str | None, heads_arg: int, context_dim: int,
-                 only_cross: bool, transformer_layers: int, if_style: bool, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        cin: int,
+        cout: int,
+        *,
+        attn: str | None,
+        heads_arg: int,
+        context_dim: int,
+        only_cross: bool,
+        transformer_layers: int,
+        if_style: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.resnet = ResnetBlock2D(
-            cin, cout, cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, act=cfg.act_fn,
+            cin,
+            cout,
+            cfg.time_embed_dim,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            act=cfg.act_fn,
             time_scale_shift=cfg.resnet_time_scale_shift,
             skip_time_act=cfg.resnet_skip_time_act if if_style else False,
-            output_scale_factor=cfg.resnet_out_scale_factor if if_style else 1.0, dtype=dtype, rngs=rngs)  # fmt: skip
+            output_scale_factor=cfg.resnet_out_scale_factor if if_style else 1.0,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.temp_conv = TemporalConvLayer(cout, dtype=dtype, rngs=rngs) if cfg.temporal else None
         attention = temp_attention = None
         if attn == "added_kv":
             attention = AddedKVAttention(
-                cout, cout // heads_arg, heads_arg, context_dim=context_dim, groups=cfg.norm_num_groups,
-                cross_attention_norm=cfg.cross_attention_norm, only_cross_attention=only_cross, dtype=dtype,
-                rngs=rngs)  # fmt: skip
+                cout,
+                cout // heads_arg,
+                heads_arg,
+                context_dim=context_dim,
+                groups=cfg.norm_num_groups,
+                cross_attention_norm=cfg.cross_attention_norm,
+                only_cross_attention=only_cross,
+                dtype=dtype,
+                rngs=rngs,
+            )
         elif attn == "transformer":
             heads, head_dim = _split(cout, heads_arg, cfg.attention_head_split)
             attention = Transformer2DModel(
-                cout, heads, head_dim, context_dim=context_dim, groups=cfg.norm_num_groups,
-                num_layers=transformer_layers, dtype=dtype, rngs=rngs)  # fmt: skip
+                cout,
+                heads,
+                head_dim,
+                context_dim=context_dim,
+                groups=cfg.norm_num_groups,
+                num_layers=transformer_layers,
+                dtype=dtype,
+                rngs=rngs,
+            )
         if attn is not None and cfg.temporal:
             heads, head_dim = _split(cout, heads_arg, cfg.attention_head_split)
             temp_attention = TransformerTemporalModel(
@@ -199,9 +234,23 @@ class _Layer(nnx.Module):
 class _Block(nnx.Module):
     """A down or up block. Attribute names mirror the reference state dict (resnets, temp_convs, attentions, ...)."""
 
-    def __init__(self, cfg: UNetConfig, kind: str, cin: int, cout: int, *, prev_out: int | None, num_layers: int,
-                 heads_arg: int, context_dim: int, only_cross: bool, transformer_layers: int, resample: bool,
-                 dtype, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        kind: str,
+        cin: int,
+        cout: int,
+        *,
+        prev_out: int | None,
+        num_layers: int,
+        heads_arg: int,
+        context_dim: int,
+        only_cross: bool,
+        transformer_layers: int,
+        resample: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.is_up = kind in IF_UP + MS_UP
         self.if_style = kind in IF_DOWN + IF_UP
         attn = None
@@ -216,9 +265,19 @@ class _Block(nnx.Module):
                 rin = (prev_out if i == 0 else cout) + skip
             else:
                 rin = cin if i == 0 else cout
-            layer = _Layer(cfg, rin, cout, attn=attn, heads_arg=heads_arg, context_dim=context_dim,
-                           only_cross=only_cross, transformer_layers=transformer_layers, if_style=self.if_style,
-                           dtype=dtype, rngs=rngs)  # fmt: skip
+            layer = _Layer(
+                cfg,
+                rin,
+                cout,
+                attn=attn,
+                heads_arg=heads_arg,
+                context_dim=context_dim,
+                only_cross=only_cross,
+                transformer_layers=transformer_layers,
+                if_style=self.if_style,
+                dtype=dtype,
+                rngs=rngs,
+            )
             resnets.append(layer.resnet)
             if layer.temp_conv is not None:
                 temp_convs.append(layer.temp_conv)
@@ -234,10 +293,20 @@ class _Block(nnx.Module):
         if resample:
             if self.if_style:
                 sampler = ResnetBlock2D(
-                    cout, cout, cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, act=cfg.act_fn,
-                    time_scale_shift=cfg.resnet_time_scale_shift, skip_time_act=cfg.resnet_skip_time_act,
-                    output_scale_factor=cfg.resnet_out_scale_factor, up=self.is_up, down=not self.is_up,
-                    dtype=dtype, rngs=rngs)  # fmt: skip
+                    cout,
+                    cout,
+                    cfg.time_embed_dim,
+                    groups=cfg.norm_num_groups,
+                    eps=cfg.norm_eps,
+                    act=cfg.act_fn,
+                    time_scale_shift=cfg.resnet_time_scale_shift,
+                    skip_time_act=cfg.resnet_skip_time_act,
+                    output_scale_factor=cfg.resnet_out_scale_factor,
+                    up=self.is_up,
+                    down=not self.is_up,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
             elif self.is_up:
                 sampler = Upsample2D(cout, dtype=dtype, rngs=rngs)
             else:
@@ -286,16 +355,39 @@ class _MidBlock(nnx.Module):
         self.if_style = "SimpleCrossAttn" in kind
         if kind not in ("UNetMidBlockSimpleCrossAttn", "UNetMidBlockCrossAttn"):
             raise ValueError(f"mid_block_type `{cfg.mid_block_type}` is not supported")
-        only_cross = bool(cfg.mid_block_only_cross_attention) if cfg.mid_block_only_cross_attention is not None else (
-            cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False)  # fmt: skip
+        only_cross = (
+            bool(cfg.mid_block_only_cross_attention)
+            if cfg.mid_block_only_cross_attention is not None
+            else (cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False)
+        )
         layers = [
-            _Layer(cfg, channels, channels, attn=None, heads_arg=heads_arg, context_dim=context_dim,
-                   only_cross=only_cross, transformer_layers=1, if_style=self.if_style, dtype=dtype, rngs=rngs),
-            _Layer(cfg, channels, channels, attn="added_kv" if self.if_style else "transformer", heads_arg=heads_arg,
-                   context_dim=context_dim, only_cross=only_cross,
-                   transformer_layers=cfg.per_block(cfg.transformer_layers_per_block, "transformer_layers")[-1],
-                   if_style=self.if_style, dtype=dtype, rngs=rngs),
-        ]  # fmt: skip
+            _Layer(
+                cfg,
+                channels,
+                channels,
+                attn=None,
+                heads_arg=heads_arg,
+                context_dim=context_dim,
+                only_cross=only_cross,
+                transformer_layers=1,
+                if_style=self.if_style,
+                dtype=dtype,
+                rngs=rngs,
+            ),
+            _Layer(
+                cfg,
+                channels,
+                channels,
+                attn="added_kv" if self.if_style else "transformer",
+                heads_arg=heads_arg,
+                context_dim=context_dim,
+                only_cross=only_cross,
+                transformer_layers=cfg.per_block(cfg.transformer_layers_per_block, "transformer_layers")[-1],
+                if_style=self.if_style,
+                dtype=dtype,
+                rngs=rngs,
+            ),
+        ]
         for layer in layers:  # the mid block scales its resnets by mid_block_scale_factor, not the blocks' factor
             layer.resnet.output_scale_factor = cfg.mid_block_scale_factor
             if not self.if_style:
@@ -363,17 +455,35 @@ class UNet3DConditionModel(nnx.Module):
         for i, t in enumerate(cfg.down_block_types):
             cin, out = out, cfg.block_out_channels[i]
             down.append(
-                _Block(cfg, _block_kind(t), cin, out, prev_out=None, num_layers=layers[i], heads_arg=head_args[i],
-                       context_dim=ctx_dims[i], only_cross=only_cross[i], transformer_layers=tlayers[i],
-                       resample=i < n - 1, dtype=dtype, rngs=rngs)  # fmt: skip
+                _Block(
+                    cfg,
+                    _block_kind(t),
+                    cin,
+                    out,
+                    prev_out=None,
+                    num_layers=layers[i],
+                    heads_arg=head_args[i],
+                    context_dim=ctx_dims[i],
+                    only_cross=only_cross[i],
+                    transformer_layers=tlayers[i],
+                    resample=i < n - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
             )
         self.down_blocks = nnx.List(down)
         self.mid_block = (
-            _MidBlock(cfg, cfg.block_out_channels[-1], heads_arg=head_args[-1], context_dim=ctx_dims[-1], dtype=dtype,
-                      rngs=rngs)
+            _MidBlock(
+                cfg,
+                cfg.block_out_channels[-1],
+                heads_arg=head_args[-1],
+                context_dim=ctx_dims[-1],
+                dtype=dtype,
+                rngs=rngs,
+            )
             if cfg.mid_block_type is not None
             else None
-        )  # fmt: skip
+        )
 
         rev = list(reversed(cfg.block_out_channels))
         up, prev = [], rev[0]
@@ -383,10 +493,21 @@ class UNet3DConditionModel(nnx.Module):
             kind = _block_kind(t)
             heads_arg = head_args[i] if kind in IF_UP else tuple(reversed(head_args))[i]
             up.append(
-                _Block(cfg, kind, cin, out, prev_out=prev, num_layers=tuple(reversed(layers))[i] + 1,
-                       heads_arg=heads_arg, context_dim=tuple(reversed(ctx_dims))[i],
-                       only_cross=tuple(reversed(only_cross))[i], transformer_layers=tuple(reversed(tlayers))[i],
-                       resample=i < n - 1, dtype=dtype, rngs=rngs)  # fmt: skip
+                _Block(
+                    cfg,
+                    kind,
+                    cin,
+                    out,
+                    prev_out=prev,
+                    num_layers=tuple(reversed(layers))[i] + 1,
+                    heads_arg=heads_arg,
+                    context_dim=tuple(reversed(ctx_dims))[i],
+                    only_cross=tuple(reversed(only_cross))[i],
+                    transformer_layers=tuple(reversed(tlayers))[i],
+                    resample=i < n - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
             )
             prev = out
         self.up_blocks = nnx.List(up)
@@ -407,6 +528,8 @@ class UNet3DConditionModel(nnx.Module):
             if class_labels is None:
                 raise ValueError("this UNet has a noise-level (class) embedding: pass class_labels=[B] noise levels")
             emb = emb + self.class_embedding(sinus(class_labels))
+        elif class_labels is not None:
+            raise ValueError("this UNet has no noise-level (class) embedding: class_labels would be ignored, drop it")
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(encoder_hidden_states)
         if cfg.time_embedding_act_fn is not None:

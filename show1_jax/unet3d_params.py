@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import re
 
-from show1_jax.keymap import KeyTable, MappingReport, Rule, linear, linear_or_conv1x1, standard_leaf_rules, temporal_conv
+from show1_jax.keymap import (
+    KeyTable,
+    MappingReport,
+    Rule,
+    linear,
+    linear_or_conv1x1,
+    standard_leaf_rules,
+    temporal_conv,
+)
 from show1_jax.unet3d import UNetConfig
 
 _TC = r"(.*\.temp_convs\.\d+)"

@@ -30,8 +30,11 @@ def _metas() -> list[tuple[Path, dict]]:
 
 def model_cases(*kinds: str) -> list:
     """pytest params for every model case folder whose meta.json kind is one of ``kinds``."""
-    cases = [pytest.param(folder, id=str(folder.relative_to(GOLDEN))) for folder, meta in _metas()
-             if meta.get("kind") in kinds]
+    cases = [
+        pytest.param(folder, id=str(folder.relative_to(GOLDEN)))
+        for folder, meta in _metas()
+        if meta.get("kind") in kinds
+    ]
     return cases or [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden case of kind {kinds} in {GOLDEN}"))]
 
 
