@@ -201,3 +201,51 @@ def format_report(report: MappingReport, *, source: str, model: str, hint: str =
     if hint:
         lines.append(f"Likely cause: {hint}")
     return "\n".join(lines)
+
+
+# --- the other direction: our parameters -> a PyTorch-layout state dict ------------------------------------------
+# Used to write components in the released folder format (tiny test models, trained weights) and to check the
+# forward table key by key: load a checkpoint, export it, compare with the file.
+
+
+def linear_inv(w: np.ndarray) -> np.ndarray:
+    return w.T
+
+
+def conv2d_inv(w: np.ndarray) -> np.ndarray:
+    """Conv kernel (kh, kw, I, O) -> (O, I, kh, kw)."""
+    return w.transpose(3, 2, 0, 1)
+
+
+def temporal_conv_inv(w: np.ndarray) -> np.ndarray:
+    """Conv kernel (kt, 1, I, O) -> Conv3d weight (O, I, kt, 1, 1)."""
+    return w.transpose(3, 2, 0, 1)[..., None]
+
+
+def kernel_inv(w: np.ndarray) -> np.ndarray:
+    """Dense (in, out) -> (out, in); 2-D conv (kh, kw, I, O) -> (O, I, kh, kw), by rank."""
+    return conv2d_inv(w) if w.ndim == 4 else linear_inv(w)
+
+
+def standard_export_rules() -> KeyTable:
+    """Inverse of :func:`standard_leaf_rules`; family export tables put their renames first."""
+    return (
+        Rule(r"(.+)\.scale", r"\1.weight"),
+        Rule(r"(.+)\.embedding", r"\1.weight"),
+        Rule(r"(.+)\.kernel", r"\1.weight", kernel_inv),
+        Rule(r"(.+)\.bias", r"\1.bias"),
+    )
+
+
+def export_state_dict(params: Mapping[str, np.ndarray], table: KeyTable) -> dict[str, np.ndarray]:
+    """Our flat parameters (path -> array) -> PyTorch-layout tensors under the reference's key names."""
+    out: dict[str, np.ndarray] = {}
+    for path, value in params.items():
+        for rule in table:
+            key = rule.apply(path)
+            if key is not None:
+                out[key] = np.ascontiguousarray(rule.transform(np.asarray(value)))
+                break
+        else:
+            raise ValueError(f"no export rule for parameter `{path}`")
+    return out

@@ -9,6 +9,7 @@ fails the whole load with one error listing all of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -31,15 +32,22 @@ class Family:
 
     module: str  # defines the model class and its ``Config``
     model_class: str
-    params_module: str  # defines ``key_table(config)`` and optionally ``check`` and ``hint``
+    params_module: str  # defines ``key_table(config)``, optionally ``export_table``, ``check`` and ``hint``
+    weights_name: str  # file name of the released format
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
 FAMILIES: dict[str, Family] = {
-    "UNet3DConditionModel": Family("show1_jax.unet3d", "UNet3DConditionModel", "show1_jax.unet3d_params"),
-    "UNet2DConditionModel": Family("show1_jax.unet3d", "UNet2DConditionModel", "show1_jax.unet3d_params"),
-    "AutoencoderKL": Family("show1_jax.vae", "AutoencoderKL", "show1_jax.vae_params"),
-    "T5EncoderModel": Family("show1_jax.t5", "T5EncoderModel", "show1_jax.t5_params"),
-    "CLIPTextModel": Family("show1_jax.clip", "CLIPTextModel", "show1_jax.clip_params"),
+    "UNet3DConditionModel": Family(
+        "show1_jax.unet3d", "UNet3DConditionModel", "show1_jax.unet3d_params", DIFFUSERS_WEIGHTS
+    ),
+    "UNet2DConditionModel": Family(
+        "show1_jax.unet3d", "UNet2DConditionModel", "show1_jax.unet3d_params", DIFFUSERS_WEIGHTS
+    ),
+    "AutoencoderKL": Family("show1_jax.vae", "AutoencoderKL", "show1_jax.vae_params", DIFFUSERS_WEIGHTS),
+    "T5EncoderModel": Family("show1_jax.t5", "T5EncoderModel", "show1_jax.t5_params", TRANSFORMERS_WEIGHTS),
+    "CLIPTextModel": Family("show1_jax.clip", "CLIPTextModel", "show1_jax.clip_params", TRANSFORMERS_WEIGHTS),
 }
 
 CONVERTED_MARKER = "show1_jax"  # key in a converted folder's config.json
@@ -211,40 +219,81 @@ def _place(arr: np.ndarray, dtype, target: str, sharding: ShardingFn | None) -> 
     return jax.device_put(arr, shard) if shard is not None else jnp.asarray(arr)
 
 
-# --- our converted format: config.json (+ marker) and an orbax checkpoint of the parameters -----------------------
+def class_name_of_model(model: nnx.Module) -> str:
+    for name, fam in FAMILIES.items():
+        if fam.model_class == type(model).__name__:
+            return name
+    raise TypeError(f"{type(model).__name__} is not a show1-jax component")
 
 
-def save_converted(model: nnx.Module, config, class_name: str, out_dir: str | Path) -> Path:
-    """Write ``model`` as a converted component folder that :func:`load_component` reads back.
-
-    The folder is written under a temporary name and renamed at the end, so a failure leaves nothing half-written.
-    """
+@contextlib.contextmanager
+def _atomic_folder(out_dir: str | Path):
+    """Yield a temporary sibling folder that is renamed to ``out_dir`` only if the block succeeds."""
     import shutil
-
-    import orbax.checkpoint as ocp
-
-    from show1_jax.configs import config_to_dict
 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists: choose a new output folder or remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create {out_dir.parent}: {err}; choose a writable output folder") from err
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        raw = config_to_dict(config)
-        raw[CONVERTED_MARKER] = {"format": 1, "class_name": class_name}
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
-        params = {k: np.asarray(v) for k, v in flat_params(model).items()}
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / CONVERTED_PARAMS_DIR, params)
+        yield tmp
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def save_released(model: nnx.Module, out_dir: str | Path) -> Path:
+    """Write ``model`` in the released (PyTorch/diffusers) folder format: config.json + safetensors weights.
+
+    The key names and tensor layouts are the reference's, so the original code and :func:`load_component` both read
+    the folder. Written atomically.
+    """
+    from safetensors.numpy import save_file
+
+    from show1_jax.configs import config_to_dict
+    from show1_jax.keymap import export_state_dict
+
+    name = class_name_of_model(model)
+    _, params_mod = family_of(name)
+    params = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    # safetensors' numpy writer has no bfloat16: such models are written as float32.
+    params = {k: v.astype(np.float32) if v.dtype == jnp.bfloat16 else v for k, v in params.items()}
+    state = export_state_dict(params, params_mod.export_table(model.config))
+    raw = {"_class_name": name, **config_to_dict(model.config)}
+    with _atomic_folder(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
+        save_file(state, str(tmp / FAMILIES[name].weights_name))
+    return Path(out_dir).resolve()
+
+
+# --- our converted format: config.json (+ marker) and an orbax checkpoint of the parameters -----------------------
+
+
+def save_converted(model: nnx.Module, out_dir: str | Path) -> Path:
+    """Write ``model`` as a converted component folder (config.json + orbax ``params/``) for :func:`load_component`.
+
+    Parameters are stored in the model's dtype. Written atomically: a failure leaves nothing behind.
+    """
+    import orbax.checkpoint as ocp
+
+    from show1_jax.configs import config_to_dict
+
+    name = class_name_of_model(model)
+    raw = config_to_dict(model.config)
+    raw[CONVERTED_MARKER] = {"format": 1, "class_name": name}
+    with _atomic_folder(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / CONVERTED_PARAMS_DIR, flat_params(model))
+    return Path(out_dir).resolve()
 
 
 def _load_converted(folder: Path, raw: dict, *, dtype, sharding: ShardingFn | None) -> nnx.Module:

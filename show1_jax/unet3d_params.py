@@ -13,10 +13,14 @@ from show1_jax.keymap import (
     KeyTable,
     MappingReport,
     Rule,
+    conv2d_inv,
     linear,
+    linear_inv,
     linear_or_conv1x1,
+    standard_export_rules,
     standard_leaf_rules,
     temporal_conv,
+    temporal_conv_inv,
 )
 from show1_jax.unet3d import UNetConfig
 
@@ -43,6 +47,32 @@ def key_table(config: UNetConfig) -> KeyTable:
         Rule(r"(.*)\.(proj_in|proj_out)\.weight", r"\1.\2.kernel", linear_or_conv1x1),
         Rule(r"(.*\.)?(positional_embedding)", r"\1\2"),
     ) + standard_leaf_rules()
+
+
+def export_table(config: UNetConfig) -> KeyTable:
+    """Our parameter paths -> the reference's keys (the inverse of :func:`key_table`)."""
+    # Transformer2D projections are written as 1x1 convs unless the config says Linear (SPEC.md §6.3).
+    spatial_proj = linear_inv if config.use_linear_projection else (lambda w: conv2d_inv(w[None, None]))
+    return (
+        Rule(r"(.*)\.to_out\.kernel", r"\1.to_out.0.weight", linear_inv),
+        Rule(r"(.*)\.to_out\.bias", r"\1.to_out.0.bias"),
+        Rule(_TC + r"\.norm(\d)\.scale", r"\1.conv\2.0.weight"),
+        Rule(_TC + r"\.norm(\d)\.bias", r"\1.conv\2.0.bias"),
+        Rule(_TC + r"\.conv(1)\.kernel", r"\1.conv\2.2.weight", temporal_conv_inv),
+        Rule(_TC + r"\.conv(1)\.bias", r"\1.conv\2.2.bias"),
+        Rule(_TC + r"\.conv([234])\.kernel", r"\1.conv\2.3.weight", temporal_conv_inv),
+        Rule(_TC + r"\.conv([234])\.bias", r"\1.conv\2.3.bias"),
+        Rule(r"(.*)\.ff\.proj\.kernel", r"\1.ff.net.0.proj.weight", linear_inv),
+        Rule(r"(.*)\.ff\.proj\.bias", r"\1.ff.net.0.proj.bias"),
+        Rule(r"(.*)\.ff\.out\.kernel", r"\1.ff.net.2.weight", linear_inv),
+        Rule(r"(.*)\.ff\.out\.bias", r"\1.ff.net.2.bias"),
+        Rule(
+            r"((?:down_blocks|up_blocks|mid_block)\.(?:\d+\.)?attentions\.\d+\.proj_(?:in|out))\.kernel",
+            r"\1.weight",
+            spatial_proj,
+        ),
+        Rule(r"(.*\.)?(positional_embedding)", r"\1\2"),
+    ) + standard_export_rules()
 
 
 _SPATIAL_PROJ = re.compile(r"(?:down_blocks|up_blocks|mid_block)\.(?:\d+\.)?attentions\.\d+\.proj_(?:in|out)\.weight")
