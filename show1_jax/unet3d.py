@@ -112,11 +112,13 @@ class UNetConfig:
         raw = dict(raw)
         if raw.get("_class_name") == "UNet2DConditionModel":
             raw.setdefault("temporal", False)
-        if raw.get("encoder_hid_dim") is not None and raw.get("encoder_hid_dim_type") is None:
-            raw["encoder_hid_dim_type"] = "text_proj"  # the reference's default (registered back into its config)
-        cfg = config_from_dict(cls, raw, neutral=_NEUTRAL)
-        cfg.validate()
-        return cfg
+        return config_from_dict(cls, raw, neutral=_NEUTRAL)
+
+    def __post_init__(self):
+        if self.encoder_hid_dim is not None and self.encoder_hid_dim_type is None:
+            # The reference's default, registered back into its config.
+            object.__setattr__(self, "encoder_hid_dim_type", "text_proj")
+        self.validate()
 
     def per_block(self, value, name: str) -> tuple:
         n = len(self.down_block_types)
