@@ -723,6 +723,9 @@ def _open_source(path: Path) -> _Source:
         )
     if head.startswith(b"PK\x03\x04"):
         return _TorchZipSource(path)
+    # Before the pickle checks: a safetensors file starts with its 8-byte header length, whose low byte may be 0x80.
+    if head[8:9] == b"{":
+        return _SafetensorsSource(path)
     if head.startswith(_LEGACY_PREFIX):
         return _TorchLegacySource(path)
     if len(head) >= 262 and head[257:262] == b"ustar":
@@ -735,7 +738,7 @@ def _open_source(path: Path) -> _Source:
             f"{path}: is a pickle, but not one written by torch.save: only torch.save state dicts and "
             "safetensors files are read; convert it to safetensors"
         )
-    if path.suffix == ".safetensors" or head[8:9] == b"{":
+    if path.suffix == ".safetensors":
         return _SafetensorsSource(path)
     raise CheckpointError(
         f"{path}: unrecognised weight file (neither safetensors nor torch.save): re-download it or convert it "

@@ -515,3 +515,15 @@ def test_missing_key_and_closed_reader(tmp_path: Path) -> None:
     assert sd.shape("conv_in.weight") == (4, 3, 3, 3)  # headers stay known
     with pytest.raises(CheckpointError, match="closed"):
         sd.get("conv_in.weight")
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path):
+    """A header of 128 bytes makes the file start with 0x80, the pickle protocol opcode: still safetensors."""
+    path = tmp_path / "model.safetensors"
+    for pad in range(200):
+        save_file({"w": np.arange(2, dtype=np.float32)}, str(path), metadata={"p": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    with open_state_dict(path) as reader:
+        np.testing.assert_array_equal(reader.get("w"), np.arange(2, dtype=np.float32))
