@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -78,9 +80,124 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if diff < 1e-4 else 1
 
 
+STAGE_DEFAULTS = (("keyframes", 75, 9.0), ("interpolation", 75, 4.0), ("first_frame", 70, 4.0), ("sr1", 125, 7.0),
+                  ("sr2", 50, 15.0))  # fmt: skip
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _split_prompts_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    prompts = [x for x in items if not _OVERRIDE.match(x)]
+    return prompts, [x for x in items if _OVERRIDE.match(x)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from show1_jax.generate_settings import GenerateSettings, Weights
+    from show1_jax.pipeline import DTYPES, Show1Pipeline, generate
+    from show1_jax.settings import load_settings
+
+    prompts, overrides = _split_prompts_and_overrides(args.items)
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    flag_overrides = {
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "keyframes.num_frames": args.num_keyframes,
+        "stages": f"[{args.stages}]" if args.stages else None,
+        "weights.base": args.base,
+        "weights.interpolation": args.interpolation,
+        "weights.sr1": args.sr1,
+        "weights.first_frame": args.first_frame,
+        "weights.sr2": args.sr2,
+    }
+    for stage in ("keyframes", "interpolation", "first_frame", "sr1", "sr2"):
+        flag_overrides[f"{stage}.steps"] = getattr(args, f"{stage}_steps")
+        flag_overrides[f"{stage}.guidance_scale"] = getattr(args, f"{stage}_guidance")
+    overrides = [f"{k}={json.dumps(v) if isinstance(v, str) and k != 'stages' else v}"
+                 for k, v in flag_overrides.items() if v is not None] + overrides  # fmt: skip
+    out = Path(args.output)
+    config = args.config
+    if args.resume:
+        saved = out / "run.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{out} holds no run.json: nothing to resume (run without --resume)")
+        run = json.loads(saved.read_text())
+        prompts = prompts or run["identity"]["prompts"]
+        base_settings = run["settings"]
+    if args.random_tiny_weights:
+        from show1_jax.tiny import build_tiny_show1
+
+        config = config or str(REPO_CONFIGS / "tiny_random.yaml")
+        weights_dir = out.parent / f".{out.name}-tiny-weights"
+        tiny = build_tiny_show1(weights_dir) if not weights_dir.exists() else None
+        root = weights_dir.resolve()
+        print(f"{'built' if tiny else 'using'} a tiny random cascade (untrained: the video is noise) in {root}")
+        overrides = [f"weights.{k}={root / v}" for k, v in {
+            "base": "show-1-base", "interpolation": "show-1-interpolation", "sr1": "show-1-sr1",
+            "first_frame": "IF-II-L", "sr2": "show-1-sr2"}.items()] + overrides  # fmt: skip
+    if args.resume and not args.random_tiny_weights and config is None:
+        from show1_jax.settings import apply_overrides, from_mapping
+
+        settings = from_mapping(GenerateSettings, apply_overrides(base_settings, overrides))
+    else:
+        settings = load_settings(GenerateSettings, config or str(REPO_CONFIGS / "show1.yaml"), overrides)
+    if not prompts:
+        raise ValueError("no prompt given: pass a prompt (or --prompts-file)")
+    pipe = Show1Pipeline(Weights(**vars(settings.weights)), dtype=DTYPES[settings.dtype], cache_dir=args.cache_dir)
+
+    def bar(stage: str):
+        return tqdm(desc=stage, unit="step", leave=True, dynamic_ncols=True)
+
+    print(f"generating {len(prompts)} prompt(s), stages {', '.join(settings.stages)}, seed {settings.seed}, "
+          f"{settings.dtype} on {jax.devices()[0].platform}")  # fmt: skip
+    result = generate(pipe, prompts, settings, out, resume=args.resume, progress_factory=bar, log=print)
+    for r in result.reports:
+        peak = "n/a on this backend" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.2f} GiB"
+        print(f"{r.stage:>13}: {r.wall_s:7.1f} s wall, {r.compile_s:6.1f} s compiling, peak memory {peak}, "
+              f"frames {r.output_shape}")  # fmt: skip
+    for stage in result.reused:
+        print(f"{stage:>13}: reused from {out / 'stages'}")
+    print("wrote " + ", ".join(str(f) for f in result.files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="show1", description="Show-1 text-to-video in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "generate",
+        help="text to video with the Show-1 cascade",
+        description="Text to video with the Show-1 cascade. Settings come from a YAML file (default "
+        "configs/show1.yaml: the released models with run_inference.py's settings); any setting can be overridden "
+        "with key=value after the prompt, e.g. sr1.steps=50 'stages=[keyframes,interpolation]'.",
+    )
+    p.add_argument("items", nargs="*", metavar="PROMPT or key=value", help="prompt(s), then key=value overrides")
+    p.add_argument("--output", required=True, help="output folder (new, or an earlier run's with --resume)")
+    p.add_argument("--config", default=None, help="settings YAML (default: configs/show1.yaml)")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default=None, help='negative prompt of the pixel stages (default "")')
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 345, as the reference)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="parameter and compute dtype")
+    p.add_argument("--stages", default=None, help="comma-separated subset of keyframes,interpolation,sr1,sr2")
+    p.add_argument("--num-keyframes", type=int, default=None, help="keyframes (8; 15 also fills the SR1 windows)")
+    for stage, default_steps, default_cfg in STAGE_DEFAULTS:
+        flag = stage.replace("_", "-")
+        p.add_argument(f"--{flag}-steps", type=int, default=None, help=f"{stage} denoising steps ({default_steps})")
+        p.add_argument(f"--{flag}-guidance", type=float, default=None, help=f"{stage} guidance scale ({default_cfg})")
+    for repo in ("base", "interpolation", "sr1", "first_frame", "sr2"):
+        p.add_argument(f"--{repo.replace('_', '-')}", default=None, metavar="DIR",
+                       help=f"the {repo} repository folder, released or converted")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue --output: rerun only stages whose settings changed")
+    p.add_argument("--cache-dir", default=None, help="prompt-embedding cache folder (T5 is not loaded again)")
+    p.add_argument("--random-tiny-weights", action="store_true",
+                   help="build and use a tiny random cascade (no download; untrained, the video is noise)")  # fmt: skip
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert released PyTorch folders into show1-jax's format")
     p.add_argument("src", help="a component folder (show-1-base/unet) or a pipeline folder (show-1-base)")
@@ -97,10 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import warnings
+
+    # imageio-ffmpeg starts ffmpeg with subprocess; the child execs at once, so JAX's fork warning does not apply.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # prompts and key=value overrides may come after options
+        if getattr(args, "command", None) != "generate" or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items = list(args.items) + extra
     try:
         return args.func(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,7 +74,11 @@ _COMPILE_TIMER: _CompileTimer | None = None
 
 def _progress_scope(progress: Any, steps: int, windows: int | None = None):
     """``stages.progress_scope`` when there is a progress sink, else no token (no callbacks compiled in)."""
-    return contextlib.nullcontext(None) if progress is None else stages.progress_scope(progress, steps, windows)
+    if progress is None:
+        return contextlib.nullcontext(None)
+    if hasattr(progress, "reset"):  # a tqdm bar learns its total here
+        progress.reset(total=steps * (windows or 1))
+    return stages.progress_scope(progress, steps, windows)
 
 
 def _peak_bytes() -> int | None:
@@ -130,6 +135,20 @@ class Show1Pipeline:
             model = load_component(path, dtype=self.dtype, variant=self.weights.variant, sharding=self.sharding)
             self._models[path] = nnx.split(model)
         return self._models[path]
+
+    NEEDS = {
+        "keyframes": [("base", "unet"), ("base", "scheduler"), ("base", "text_encoder"), ("base", "tokenizer")],
+        "interpolation": [("interpolation", "unet"), ("interpolation", "scheduler"), ("base", "text_encoder")],
+        "sr1": [("first_frame", "unet"), ("first_frame", "scheduler"), ("first_frame", "image_noising_scheduler"),
+                ("sr1", "unet"), ("sr1", "scheduler"), ("sr1", "image_noising_scheduler"), ("base", "text_encoder")],
+        "sr2": [("sr2", "unet"), ("sr2", "vae"), ("sr2", "text_encoder"), ("sr2", "tokenizer"), ("sr2", "scheduler")],
+    }  # fmt: skip
+
+    def check_folders(self, stages_to_run: Sequence[str]) -> None:
+        """Fail early, naming the setting to fix, if a folder a stage needs is missing."""
+        for stage in stages_to_run:
+            for repo, component in self.NEEDS[stage]:
+                self.folder(repo, component)
 
     def scheduler(self, repo: str, steps: int, name: str = "scheduler"):
         return make_schedule(load_scheduler_config(self.folder(repo, name)), steps)
@@ -367,6 +386,14 @@ def generate(
         saved = previous_run.get("fingerprints", {})
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new --output folder, or pass --resume to continue it")
+    to_run = [s for s in settings.stages if not (resume and saved.get(s) == fingerprints[s])]
+    pipeline.check_folders(to_run)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the output folder {out}: {err}; choose a writable --output") from err
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"{out} is not writable: choose another --output")
 
     frames: dict[str, np.ndarray] = {}
     reused: list[str] = []
