@@ -93,13 +93,15 @@ def unet_manifests() -> list:
 @pytest.mark.golden
 @pytest.mark.parametrize("config_path", unet_manifests())
 def test_full_size_manifest_maps_every_key(config_path):
+    """Every manifest's config status (summary.json) is in the assertion message: most full-size configs other than
+    show-1-base are inferred (sr1 partly, interp, sr2, IF-II-L), see the golden README."""
     name = config_path.name.removesuffix(".config.json")
     keys = read_manifest(config_path.with_name(f"{name}_keys.tsv"))
     summary = json.loads((config_path.parent / "summary.json").read_text())[name]
     lp = plan_load(json.loads(config_path.read_text()), keys)
-    assert lp.report.ok, lp.report
+    assert lp.report.ok, (summary["config_status"], lp.report)
     assert len(lp.plan) == len(keys) == summary["n_tensors_in_state_dict"]  # every key used, every param filled
-    assert param_count(lp.model) == summary["n_params_unique"]
+    assert param_count(lp.model) == summary["n_params_unique"], summary["config_status"]
 
 
 @pytest.mark.golden
@@ -272,3 +274,58 @@ def test_export_reproduces_the_checkpoint_bitwise(case):
     assert sorted(ours) == sorted(ref)
     for key, value in ref.items():
         assert ours[key].shape == value.shape and np.array_equal(ours[key], value), key
+
+
+# --- the SR2 traps of SPEC.md §6.3: a config that contradicts the checkpoint fails loudly -------------------------
+
+
+@pytest.fixture
+def sr2_folder(tmp_path) -> Path:
+    """A writable copy of a golden latent (ModelScope-style) UNet case with transformer_in and Linear projections."""
+    cases = [p.values[0] for p in golden.model_cases("showone_unet3d") if p.values[0] is not None]
+    cases = [c for c in cases if json.loads((c / "config.json").read_text()).get("transfromer_in_opt")]
+    cases = [c for c in cases if json.loads((c / "config.json").read_text()).get("use_linear_projection")]
+    if not cases:
+        pytest.skip("no golden UNet case with transformer_in and linear projections")
+    dst = tmp_path / "sr2"
+    dst.mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(cases[0] / name, dst / name)
+    return dst
+
+
+def edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_projection_rank_contradicting_the_config_is_refused(sr2_folder):
+    edit_config(sr2_folder, use_linear_projection=False)
+    with pytest.raises(CheckpointMappingError, match="is a Linear weight .* use_linear_projection=false"):
+        load_component(sr2_folder)
+
+
+def test_conv_projections_load_when_the_config_says_so(sr2_folder):
+    """The same weights stored as 1x1 convs (the showone default) load with use_linear_projection=false."""
+
+    def to_conv(sd):
+        projections = ("proj_in.weight", "proj_out.weight")
+        for key in [k for k in sd if "attentions" in k and "temp_" not in k and k.endswith(projections)]:
+            sd[key] = np.ascontiguousarray(sd[key][:, :, None, None])
+
+    ref = load_component(sr2_folder)
+    rewrite(sr2_folder, to_conv)
+    with pytest.raises(CheckpointMappingError, match="is a 1x1 conv weight"):
+        load_component(sr2_folder)
+    edit_config(sr2_folder, use_linear_projection=False)
+    from show1_jax.loading import flat_params
+
+    got, want = flat_params(load_component(sr2_folder)), flat_params(ref)
+    assert all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
+
+
+def test_transformer_in_weights_with_the_option_off_are_refused(sr2_folder):
+    edit_config(sr2_folder, transfromer_in_opt=False)
+    with pytest.raises(CheckpointMappingError, match="transformer_in.*transfromer_in_opt=false"):
+        load_component(sr2_folder)
