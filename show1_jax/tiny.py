@@ -107,8 +107,12 @@ _PIXEL = dict(
     addition_embed_type_num_heads=4,
     resnet_time_scale_shift="scale_shift",
 )
+# SR1 and IF-II-L attend only at their lowest resolutions, as the released models do (SPEC.md §5.3).
 _SR_PIXEL = dict(
     _PIXEL,
+    down_block_types=("ResnetDownsampleBlock3D", "ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D"),
+    up_block_types=("SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D", "ResnetUpsampleBlock3D"),
+    block_out_channels=(32, 32, 64),
     class_embed_type="timestep",
     resnet_skip_time_act=True,
     resnet_out_scale_factor=1.4142271248762552,
@@ -125,8 +129,8 @@ TINY_IF2 = UNetConfig(
     temporal=False,
     **dict(
         _SR_PIXEL,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     ),
 )
