@@ -16,40 +16,20 @@ import pytest
 from show1_jax import functional, load_component
 from show1_jax.convert import convert
 from show1_jax.loading import flat_params, save_converted, save_released
-from show1_jax.tiny import random_model
-from show1_jax.unet3d import UNet3DConditionModel, UNetConfig
+from show1_jax.tiny import TINY_BASE, random_model
+from show1_jax.unet3d import UNet3DConditionModel
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY = UNetConfig(
-    in_channels=3,
-    out_channels=6,
-    down_block_types=("ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D"),
-    up_block_types=("SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"),
-    mid_block_type="UNetMidBlock3DSimpleCrossAttn",
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    act_fn="gelu",
-    norm_num_groups=16,
-    attention_head_dim=16,
-    cross_attention_dim=64,
-    encoder_hid_dim=24,
-    encoder_hid_dim_type="text_proj",
-    addition_embed_type="text",
-    addition_embed_type_num_heads=4,
-    resnet_time_scale_shift="scale_shift",
-    cross_attention_norm="group_norm",
-)
 
 
 def tiny_unet(seed: int = 0) -> UNet3DConditionModel:
     # Random non-zero values everywhere (zero biases would hide a bias that is dropped).
-    return random_model(UNet3DConditionModel, TINY, seed=seed, perturb=0.1)
+    return random_model(UNet3DConditionModel, TINY_BASE, seed=seed, perturb=0.1)
 
 
 def forward(model):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 8, 8, 3)), jnp.float32)
-    ctx = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 24)), jnp.float32)
+    ctx = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, TINY_BASE.encoder_hid_dim)), jnp.float32)
     graphdef, params = functional.split(model)
     return np.asarray(jax.jit(functional.pure(graphdef))(params, x, jnp.array([321]), ctx))
 

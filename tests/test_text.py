@@ -7,7 +7,6 @@ merges.txt, with the SD-2 special tokens, pad "!"). Nothing is downloaded.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from show1_jax.text import (
     tokenize_clip,
     tokenize_t5,
 )
+from show1_jax.tiny import _bytes_to_unicode, write_t5_tokenizer
 
 SENTENCES = [
     "a photo of a cat sitting on a mat",
@@ -54,42 +54,9 @@ PROMPTS = [
 ]
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The printable stand-in for each byte used by byte-level BPE vocabularies (GPT-2, CLIP)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 @pytest.fixture(scope="module")
 def t5_tokenizer_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("t5") / "tokenizer"
-    folder.mkdir()
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 20),
-        model_writer=model,
-        vocab_size=48,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    (folder / "spiece.model").write_bytes(model.getvalue())
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 100, **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return write_t5_tokenizer(tmp_path_factory.mktemp("t5") / "tokenizer", SENTENCES, vocab_size=48)
 
 
 CLIP_MERGES = [("c", "a"), ("ca", "t</w>"), ("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o</w>"), ("o", "f</w>")]
