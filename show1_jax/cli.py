@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build and use a tiny random cascade (no download; untrained, the video is noise)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "plan",
+        add_help=False,
+        help="memory, FLOPs and a roofline estimate per stage at full size, compiled abstractly (show1 plan --help)",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: __import__("show1_jax.plan", fromlist=["main"]).main(args.rest))
+
+    from show1_jax.train import add_train_arguments, cmd_train
+
+    p = sub.add_parser("train", help="train or finetune a stage's UNet (configs/train_*.yaml)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("convert", help="convert released PyTorch folders into show1-jax's format")
     p.add_argument("src", help="a component folder (show-1-base/unet) or a pipeline folder (show-1-base)")
     p.add_argument("dst", help="output folder (must not exist)")
@@ -159,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # prompts and key=value overrides may come after options
-        if getattr(args, "command", None) != "generate" or any(x.startswith("-") for x in extra):
+        if getattr(args, "command", None) == "plan":
+            args.rest = list(args.rest) + extra
+        elif getattr(args, "command", None) != "generate" or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.items = list(args.items) + extra
+        else:
+            args.items = list(args.items) + extra
     try:
         return args.func(args)
     except (OSError, ValueError, KeyError) as err:

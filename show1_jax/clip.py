@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from show1_jax.configs import ConfigError, config_from_dict
-from show1_jax.layers import LayerNorm, dense, stat_dtype
+from show1_jax.layers import LayerNorm, dense, logical, stat_dtype
 
 Array = jax.Array
 
@@ -84,8 +84,9 @@ class CLIPTextOutput(NamedTuple):
 class Embedding(nnx.Module):
     """A lookup table [num, dim] (parameter ``embedding``, the PyTorch ``weight`` unchanged)."""
 
-    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs, stddev: float = 0.02):
-        self.embedding = nnx.Param((stddev * jax.random.normal(rngs.params(), (num, dim), jnp.float32)).astype(dtype))
+    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs, stddev: float = 0.02, axes=("vocab", "embed")):
+        init = (stddev * jax.random.normal(rngs.params(), (num, dim), jnp.float32)).astype(dtype)
+        self.embedding = nnx.Param(init, **logical(axes))  # axes: logical names (show1_jax/sharding.py)
 
     def __call__(self, ids: Array) -> Array:
         """[...] int -> [..., dim]."""
@@ -95,7 +96,9 @@ class Embedding(nnx.Module):
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
         self.token_embedding = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.position_embedding = Embedding(
+            config.max_position_embeddings, config.hidden_size, dtype=dtype, rngs=rngs, axes=(None, "embed")
+        )
 
     def __call__(self, input_ids: Array) -> Array:
         """[B, L] -> [B, L, D]; positions 0..L-1."""
@@ -107,10 +110,10 @@ class CLIPAttention(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
         d = config.hidden_size
         self.heads, self.dtype = config.num_attention_heads, dtype
-        self.q_proj = dense(d, d, dtype=dtype, rngs=rngs)
-        self.k_proj = dense(d, d, dtype=dtype, rngs=rngs)
-        self.v_proj = dense(d, d, dtype=dtype, rngs=rngs)
-        self.out_proj = dense(d, d, dtype=dtype, rngs=rngs)
+        self.q_proj = dense(d, d, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.k_proj = dense(d, d, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.v_proj = dense(d, d, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.out_proj = dense(d, d, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
 
     def __call__(self, x: Array, allowed: Array) -> Array:
         """Args:
@@ -137,7 +140,7 @@ class CLIPMLP(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
         self.act = _ACTIVATIONS[config.hidden_act]
         self.fc1 = dense(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
-        self.fc2 = dense(config.intermediate_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.fc2 = dense(config.intermediate_size, config.hidden_size, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:
         """[B, L, D] -> [B, L, D]."""

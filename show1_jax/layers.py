@@ -3,6 +3,9 @@
 Names of sub-modules follow the reference's state-dict names so the key tables stay short. Every module takes one
 ``dtype`` that is both its parameter and its compute dtype; normalisation statistics and softmaxes run in at least
 float32 (see ``stat_dtype``). SPEC.md §1.3 lists the statistics axes, group counts and epsilons reproduced here.
+
+Every parameter carries logical axis names (``out_sharding`` metadata, see :func:`logical`); the one table in
+``show1_jax/sharding.py`` maps them to mesh axes. Attention can run in chunks (:func:`set_attention_chunk`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from show1_jax.sharding import constrain
+
 Array = jax.Array
+
+# Logical axes of activations (show1_jax/sharding.py); `constrain` is a no-op outside a sharded jit.
+ROWS = ("batch", "height", "width", "channels")  # [N (= B * F), H, W, C]
+TOKENS = ("batch", "length", "channels")  # [N, L, C]
 
 
 def stat_dtype(dtype) -> jnp.dtype:
@@ -36,8 +45,39 @@ def activation(name: str) -> Callable[[Array], Array]:
     return acts[name]
 
 
-def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+# Logical axis names of parameters (the sharding rules in show1_jax/sharding.py map them to mesh axes).
+CONV_AXES = (None, None, "conv_in", "conv_out")  # [kh, kw, Cin, Cout]
+
+
+def logical(axes: tuple[str | None, ...]) -> dict:
+    """Variable metadata naming each axis of a parameter logically (flax's ``out_sharding``).
+
+    ``eager_sharding=False``: the names are only read by ``show1_jax.sharding`` (and ``nnx.get_partition_spec``);
+    building a model needs no mesh.
+    """
+    return {"out_sharding": tuple(axes), "eager_sharding": False}
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    axes: tuple[str | None, str | None] = ("embed", "mlp"),
+) -> nnx.Linear:
+    """nnx.Linear with kernel [in, out] named ``axes`` and bias [out] named ``axes[1]``."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+        kernel_metadata=logical(axes),
+        bias_metadata=logical(axes[1:]),
+    )
 
 
 def conv2d(
@@ -54,6 +94,8 @@ def conv2d(
         dtype=dtype,
         param_dtype=dtype,
         rngs=rngs,
+        kernel_metadata=logical(CONV_AXES),
+        bias_metadata=logical(CONV_AXES[-1:]),
     )
 
 
@@ -68,8 +110,8 @@ class GroupNorm(nnx.Module):
         if channels % num_groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {num_groups} groups")
         self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
-        self.scale = nnx.Param(jnp.ones((channels,), dtype))
-        self.bias = nnx.Param(jnp.zeros((channels,), dtype))
+        self.scale = nnx.Param(jnp.ones((channels,), dtype), **logical(("norm",)))
+        self.bias = nnx.Param(jnp.zeros((channels,), dtype), **logical(("norm",)))
 
     def __call__(self, x: Array) -> Array:
         shape = x.shape
@@ -86,8 +128,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-5, dtype, rngs: nnx.Rngs | None = None):
         self.eps, self.dtype = eps, dtype
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), **logical(("norm",)))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), **logical(("norm",)))
 
     def __call__(self, x: Array) -> Array:
         xs = x.astype(stat_dtype(self.dtype))
@@ -97,15 +139,55 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, heads: int) -> Array:
+def attention(q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = None) -> Array:
     """Multi-head softmax attention with scale 1/sqrt(head_dim), no mask.
 
     Args:
       q: [N, Lq, H*D]; k, v: [N, Lk, H*D] (channel index = head * D + d, SPEC.md §1.5).
+      chunk: at most this many logits [N, H, Lq, Lk] at once (None: all at once). Larger problems run in a
+        ``fori_loop`` over groups of sequences, and, if one sequence is still too big, over query blocks; every
+        query row's softmax is unchanged, so results equal the unchunked ones (see :func:`set_attention_chunk`).
 
     Returns:
       [N, Lq, H*D]
     """
+    n, lq, hd = q.shape
+    lk = k.shape[1]
+    if chunk is None or n * heads * lq * lk <= chunk:
+        return _attention(q, k, v, heads)
+    if heads * lq * lk <= chunk:  # whole sequences, several per step
+        rows, block = _largest_divisor(n, chunk // (heads * lq * lk)), lq
+    else:  # one sequence per step, in query blocks
+        rows, block = 1, _largest_divisor(lq, chunk // (heads * lk))
+    groups, blocks = n // rows, lq // block
+    # Step (g, b) takes rows {r * groups + g} (spread over the whole batch, so a batch split over devices stays
+    # split inside the loop) and query block b. Results overwrite the (copied) queries in place: no stacked output
+    # buffer, whose zero-initialised copies XLA would keep alive from the program's start.
+    qs = q.reshape(rows, groups, blocks, block, hd).transpose(1, 2, 0, 3, 4)  # [G, NB, R, block, H*D]
+    ks = k.reshape(rows, groups, lk, hd).swapaxes(0, 1)  # [G, R, Lk, H*D]
+    vs = v.reshape(rows, groups, lk, hd).swapaxes(0, 1)
+
+    def step(i: Array, out: Array) -> Array:
+        g, b = i // blocks, i % blocks
+        qi = jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(out, g, 0, False), b, 0, False)
+        ki, vi = (jax.lax.dynamic_index_in_dim(x, g, 0, False) for x in (ks, vs))
+        res = _attention(qi, ki, vi, heads)  # [R, block, H*D]
+        return jax.lax.dynamic_update_slice(out, res[None, None], (g, b, 0, 0, 0))
+
+    out = jax.lax.fori_loop(0, groups * blocks, step, qs)
+    return out.transpose(2, 0, 1, 3, 4).reshape(n, lq, hd)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most`` (at least 1)."""
+    for d in range(min(n, max(at_most, 1)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _attention(q: Array, k: Array, v: Array, heads: int) -> Array:
+    """:func:`attention` in one piece."""
     n, lq, hd = q.shape
     d = hd // heads
     q = q.reshape(n, lq, heads, d).transpose(0, 2, 1, 3)  # [N, H, Lq, D]: measured faster than BLHD on XLA-CPU
@@ -168,10 +250,12 @@ class AttentionPooling(nnx.Module):
 
     def __init__(self, heads: int, dim: int, *, dtype, rngs: nnx.Rngs):
         self.heads, self.dtype = heads, dtype
-        self.positional_embedding = nnx.Param(jax.random.normal(rngs.params(), (1, dim), dtype) / dim**0.5)
-        self.q_proj = dense(dim, dim, dtype=dtype, rngs=rngs)
-        self.k_proj = dense(dim, dim, dtype=dtype, rngs=rngs)
-        self.v_proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.positional_embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (1, dim), dtype) / dim**0.5, **logical((None, "embed"))
+        )
+        self.q_proj = dense(dim, dim, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.k_proj = dense(dim, dim, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.v_proj = dense(dim, dim, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
 
     def __call__(self, x: Array) -> Array:
         """x: [B, L, D] -> [B, D]."""
@@ -269,13 +353,13 @@ class ResnetBlock2D(nnx.Module):
 
     def __call__(self, x: Array, temb: Array | None = None) -> Array:
         """x: [N, H, W, Cin]; temb: [N, D] -> [N, H', W', Cout]."""
-        shortcut = x
+        shortcut = x = constrain(x, ROWS)
         h = self.act(self.norm1(x))
         if self.up:
             shortcut, h = upsample_nearest(shortcut), upsample_nearest(h)
         elif self.down:
             shortcut, h = avg_pool2(shortcut), avg_pool2(h)
-        h = self.conv1(h)
+        h = constrain(self.conv1(h), ROWS)
         t = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :]
@@ -288,7 +372,7 @@ class ResnetBlock2D(nnx.Module):
         h = self.conv2(self.act(h))
         if self.conv_shortcut is not None:
             shortcut = self.conv_shortcut(shortcut)
-        out = shortcut + h
+        out = constrain(shortcut + h, ROWS)
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
@@ -343,6 +427,8 @@ class TemporalConvLayer(nnx.Module):
                     dtype=dtype,
                     param_dtype=dtype,
                     rngs=rngs,
+                    kernel_metadata=logical(CONV_AXES),
+                    bias_metadata=logical(CONV_AXES[-1:]),
                 ),
             )
 
@@ -357,7 +443,7 @@ class TemporalConvLayer(nnx.Module):
                 keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1 - self.dropout, h.shape)
                 h = jnp.where(keep, h / (1 - self.dropout), 0).astype(h.dtype)
             h = getattr(self, f"conv{i}")(h)
-        return (v + h).reshape(x.shape)
+        return constrain((v + h).reshape(x.shape), ROWS)
 
 
 class Attention(nnx.Module):
@@ -377,23 +463,26 @@ class Attention(nnx.Module):
     ):
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = dense(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_k = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_v = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_out = dense(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs)
+        self.attention_chunk: int | None = None  # see set_attention_chunk
+        qkv = ("embed", "heads")
+        self.to_q = dense(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs, axes=qkv)
+        self.to_k = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs, axes=qkv)
+        self.to_v = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs, axes=qkv)
+        self.to_out = dense(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
 
     def __call__(self, x: Array, context: Array | None = None) -> Array:
         """x: [N, L, D]; context: [N, S, Dc] or None (self-attention) -> [N, L, D]."""
         ctx = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads))
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        return self.to_out(attention(q, k, v, self.heads, chunk=self.attention_chunk))
 
 
 class FeedForward(nnx.Module):
     """GEGLU feed-forward: ``proj`` (ff.net.0.proj) D -> 2*4D split [value, gate]; value * gelu(gate); ``out``."""
 
     def __init__(self, dim: int, *, mult: int = 4, dtype, rngs: nnx.Rngs):
-        self.proj = dense(dim, 2 * mult * dim, dtype=dtype, rngs=rngs)
-        self.out = dense(mult * dim, dim, dtype=dtype, rngs=rngs)
+        self.proj = dense(dim, 2 * mult * dim, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+        self.out = dense(mult * dim, dim, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:
         value, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -441,12 +530,12 @@ class TransformerTemporalModel(nnx.Module):
         b = bf // num_frames
         h = self.norm(x.reshape(b, num_frames, hh, ww, c))
         h = h.transpose(0, 2, 3, 1, 4).reshape(b * hh * ww, num_frames, c)  # [B*H*W, F, C]
-        h = self.proj_in(h)
+        h = self.proj_in(constrain(h, TOKENS))
         for block in self.transformer_blocks:
             h = block(h)
         h = self.proj_out(h)
         h = h.reshape(b, hh, ww, num_frames, c).transpose(0, 3, 1, 2, 4).reshape(x.shape)
-        return h + x
+        return constrain(h + x, ROWS)
 
 
 class Transformer2DModel(nnx.Module):
@@ -481,10 +570,10 @@ class Transformer2DModel(nnx.Module):
     def __call__(self, x: Array, context: Array) -> Array:
         """x: [N, H, W, C]; context: [N, S, Dc] -> [N, H, W, C]."""
         n, hh, ww, c = x.shape
-        h = self.proj_in(self.norm(x).reshape(n, hh * ww, c))
+        h = self.proj_in(constrain(self.norm(x).reshape(n, hh * ww, c), TOKENS))
         for block in self.transformer_blocks:
             h = block(h, context)
-        return self.proj_out(h).reshape(x.shape) + x
+        return constrain(self.proj_out(h).reshape(x.shape) + x, ROWS)
 
 
 class AddedKVAttention(nnx.Module):
@@ -521,23 +610,46 @@ class AddedKVAttention(nnx.Module):
             self.norm_cross = None
         else:
             raise ValueError(f"cross_attention_norm `{cross_attention_norm}` is not supported")
-        self.to_q = dense(channels, inner, dtype=dtype, rngs=rngs)
+        self.attention_chunk: int | None = None  # see set_attention_chunk
+        qkv = ("embed", "heads")
+        self.to_q = dense(channels, inner, dtype=dtype, rngs=rngs, axes=qkv)
         if not only_cross_attention:
-            self.to_k = dense(channels, inner, dtype=dtype, rngs=rngs)
-            self.to_v = dense(channels, inner, dtype=dtype, rngs=rngs)
-        self.add_k_proj = dense(context_dim, inner, dtype=dtype, rngs=rngs)
-        self.add_v_proj = dense(context_dim, inner, dtype=dtype, rngs=rngs)
-        self.to_out = dense(inner, channels, dtype=dtype, rngs=rngs)
+            self.to_k = dense(channels, inner, dtype=dtype, rngs=rngs, axes=qkv)
+            self.to_v = dense(channels, inner, dtype=dtype, rngs=rngs, axes=qkv)
+        self.add_k_proj = dense(context_dim, inner, dtype=dtype, rngs=rngs, axes=qkv)
+        self.add_v_proj = dense(context_dim, inner, dtype=dtype, rngs=rngs, axes=qkv)
+        self.to_out = dense(inner, channels, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
 
     def __call__(self, x: Array, context: Array) -> Array:
         """x: [N, H, W, C]; context: [N, S, Dc] -> [N, H, W, C]."""
         n, hh, ww, c = x.shape
-        tokens = self.group_norm(x).reshape(n, hh * ww, c)
+        tokens = constrain(self.group_norm(x).reshape(n, hh * ww, c), TOKENS)
         ctx = context if self.norm_cross is None else self.norm_cross(context)
         q = self.to_q(tokens)
         k, v = self.add_k_proj(ctx), self.add_v_proj(ctx)
         if not self.only_cross_attention:
             k = jnp.concatenate([k, self.to_k(tokens)], axis=1)
             v = jnp.concatenate([v, self.to_v(tokens)], axis=1)
-        out = self.to_out(attention(q, k, v, self.heads))
-        return out.reshape(x.shape) + x
+        out = self.to_out(attention(q, k, v, self.heads, chunk=self.attention_chunk))
+        return constrain(out.reshape(x.shape) + x, ROWS)
+
+
+def set_attention_chunk(model: nnx.Module, chunk: int | None) -> int:
+    """Run every :class:`Attention` / :class:`AddedKVAttention` of ``model`` in chunks of at most ``chunk`` logits.
+
+    ``chunk`` counts elements of the [N, H, Lq, Lk] logits computed at once (None: all at once, the default).
+    E.g. ``2**27`` bounds the softmax of one chunk to 512 MiB in float32, which keeps SR2's spatial attention
+    (58 images x 64 heads x 2880 x 2880 tokens = 3.1e10 logits) within a 16 GB accelerator. Results equal the
+    unchunked ones. The setting is static (part of the graph definition): split the model after setting it.
+
+    Returns:
+      The number of attention modules set.
+    """
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"attention chunk must be None or a positive number of logits, got {chunk!r}")
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (Attention, AddedKVAttention)):
+            node.attention_chunk = chunk
+            count += 1
+    return count

@@ -170,6 +170,16 @@ def _raise_if_bad(lp: LoadPlan, source: str) -> None:
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding | None]
 
 
+def _sharding_of(sharding: ShardingFn | None, target: str, shape: tuple[int, ...], var) -> jax.sharding.Sharding | None:
+    """Ask ``sharding`` for one parameter's placement; a callback with ``takes_logical_axes`` (such as
+    ``show1_jax.sharding.sharding_fn``) also gets the parameter's logical axis names from the model."""
+    if sharding is None:
+        return None
+    if getattr(sharding, "takes_logical_axes", False):
+        return sharding(target, shape, logical_axes=var.get_metadata("out_sharding", None))
+    return sharding(target, shape)
+
+
 def load_component(
     path: str | Path,
     *,
@@ -185,7 +195,8 @@ def load_component(
         (``config.json`` + ``params/`` orbax checkpoint).
       dtype: parameter and compute dtype (float32, bfloat16, or float64 under ``jax_enable_x64``).
       variant: ``"fp16"`` to require the fp16 weight files; by default the plain files are preferred.
-      sharding: optional ``(param_path, shape) -> Sharding`` placing each converted tensor directly.
+      sharding: optional ``(param_path, shape) -> Sharding`` placing each converted tensor directly (each device
+        receives only its shard); ``show1_jax.sharding.sharding_fn(mesh)`` builds one from the sharding rules.
 
     Returns:
       The Flax NNX model with every parameter filled from the checkpoint.
@@ -209,14 +220,17 @@ def load_component(
             target = ".".join(str(p) for p in path_)
             key, rule = lp.plan[target]
             arr = np.asarray(rule.transform(reader.get(key)))
-            filled.append((path_, var.replace(_place(arr, dtype, target, sharding))))
+            shard = _sharding_of(sharding, target, arr.shape, var)
+            filled.append((path_, var.replace(_place(arr, dtype, shard))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def _place(arr: np.ndarray, dtype, target: str, sharding: ShardingFn | None) -> jax.Array:
+def _place(arr: np.ndarray, dtype, shard: jax.sharding.Sharding | None) -> jax.Array:
     arr = np.ascontiguousarray(arr).astype(jnp.dtype(dtype), copy=False)
-    shard = sharding(target, arr.shape) if sharding is not None else None
-    return jax.device_put(arr, shard) if shard is not None else jnp.asarray(arr)
+    if shard is None:
+        return jnp.asarray(arr)
+    # Each addressable device receives only its slice of the host array (also across processes).
+    return jax.make_array_from_callback(arr.shape, shard, lambda index: arr[index])
 
 
 def class_name_of_model(model: nnx.Module) -> str:
@@ -307,7 +321,7 @@ def _load_converted(folder: Path, raw: dict, *, dtype, sharding: ShardingFn | No
     for path_, var in flat:
         target = ".".join(str(p) for p in path_)
         shape = tuple(var.get_value().shape)
-        shard = sharding(target, shape) if sharding is not None else None
+        shard = _sharding_of(sharding, target, shape, var)
         targets[target] = jax.ShapeDtypeStruct(
             shape, jnp.dtype(dtype), sharding=shard or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         )

@@ -86,6 +86,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise SettingsError(f"`{where}` must be a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingsError(f"`{where}` must be a number, got {value!r}")
         return float(value)

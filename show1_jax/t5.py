@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from show1_jax.configs import ConfigError, config_from_dict
+from show1_jax.layers import logical
 
 Array = jax.Array
 
@@ -136,12 +137,15 @@ def relative_position_bucket(
 
 
 class Linear(nnx.Module):
-    """A bias-free projection ``x @ kernel``, kernel [in, out]; accumulates in ``out_dtype`` (default: the dtype)."""
+    """A bias-free projection ``x @ kernel``, kernel [in, out]; accumulates in ``out_dtype`` (default: the dtype).
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+    ``axes`` are the kernel's logical axis names (show1_jax/sharding.py).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, axes=("embed", "mlp")):
         self.dtype = dtype
         init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) / math.sqrt(in_features)
-        self.kernel = nnx.Param(init.astype(dtype))
+        self.kernel = nnx.Param(init.astype(dtype), **logical(axes))
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
         """[..., in] -> [..., out]."""
@@ -153,8 +157,9 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """A lookup table [num, dim] (parameter ``embedding``, the PyTorch ``weight`` unchanged)."""
 
-    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num, dim), jnp.float32).astype(dtype))
+    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs, axes=("vocab", "embed")):
+        init = jax.random.normal(rngs.params(), (num, dim), jnp.float32).astype(dtype)
+        self.embedding = nnx.Param(init, **logical(axes))
 
     def __call__(self, ids: Array) -> Array:
         """[...] int -> [..., dim]."""
@@ -166,7 +171,7 @@ class T5LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, dtype):
         self.eps, self.dtype = eps, dtype
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), **logical(("norm",)))
 
     def __call__(self, x: Array, *, float32_islands: bool = False) -> Array:
         """[..., D] (any float dtype, e.g. the float32 residual) -> [..., D] in the model dtype."""
@@ -184,13 +189,13 @@ class T5Attention(nnx.Module):
     def __init__(self, config: T5Config, *, has_relative_attention_bias: bool, dtype, rngs: nnx.Rngs):
         self.config, self.dtype = config, dtype
         inner = config.num_heads * config.d_kv
-        self.q = Linear(config.d_model, inner, dtype=dtype, rngs=rngs)
-        self.k = Linear(config.d_model, inner, dtype=dtype, rngs=rngs)
-        self.v = Linear(config.d_model, inner, dtype=dtype, rngs=rngs)
-        self.o = Linear(inner, config.d_model, dtype=dtype, rngs=rngs)
+        self.q = Linear(config.d_model, inner, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.k = Linear(config.d_model, inner, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.v = Linear(config.d_model, inner, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.o = Linear(inner, config.d_model, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         if has_relative_attention_bias:
             self.relative_attention_bias = Embedding(
-                config.relative_attention_num_buckets, config.num_heads, dtype=dtype, rngs=rngs
+                config.relative_attention_num_buckets, config.num_heads, dtype=dtype, rngs=rngs, axes=(None, None)
             )
 
     def compute_bias(self, query_length: int, key_length: int) -> Array:
@@ -256,9 +261,9 @@ class T5DenseGatedActDense(nnx.Module):
 
     def __init__(self, config: T5Config, *, dtype, rngs: nnx.Rngs):
         self.act = _ACTIVATIONS[config.activation]
-        self.wi_0 = Linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
-        self.wi_1 = Linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
-        self.wo = Linear(config.d_ff, config.d_model, dtype=dtype, rngs=rngs)
+        self.wi_0 = Linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+        self.wi_1 = Linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+        self.wo = Linear(config.d_ff, config.d_model, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: Array, out_dtype) -> Array:
         """[B, L, D] -> [B, L, D] in ``out_dtype``; the gate product is formed in ``out_dtype`` too."""

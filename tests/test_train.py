@@ -1,0 +1,407 @@
+"""The trainer: objectives, trainable selection, rematerialisation, checkpoints (resume after SIGKILL, other mesh),
+sharded-vs-single-device training and bad-video reporting.
+
+Most tests train a "micro" pixel UNet (one IF-style block at 32 channels, the keyframe layout) for a few steps on
+synthetic clips of 4 frames at 16x24, batch 2, with identical settings, so that they share one compiled train step
+through a per-session persistent compilation cache (subprocesses included). The loss-curve acceptance run on the
+tiny keyframe model is ``bench/train_loss_curve.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from jax.experimental.compilation_cache import compilation_cache
+
+from show1_jax.configs import config_to_dict
+from show1_jax.data import CaptionCsvError, SyntheticConfig, generate_dataset, save_caption_embeddings
+from show1_jax.data.synthetic import read_metadata
+from show1_jax.loading import flat_params, load_component
+from show1_jax.schedulers import load_scheduler_config
+from show1_jax.settings import load_settings, to_mapping
+from show1_jax.tiny import NOISING_SCHEDULER, PIXEL_DPM_SCHEDULER, TINY_BASE, random_model
+from show1_jax.train import (
+    DiffusionTables,
+    ModelView,
+    TrainCheckpointer,
+    TrainDataError,
+    abstract_with_shardings,
+    diffusion_loss,
+    init_train_state,
+    is_trainable,
+    make_optimizer,
+    run_training,
+    sr1_condition,
+    temporal_crop,
+    train_state_shardings,
+    unet_apply,
+)
+from show1_jax.train_settings import OptimSettings, SR1Settings, TrainSettings
+from show1_jax.unet3d import UNet3DConditionModel
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = dataclasses.replace(
+    TINY_BASE,
+    down_block_types=("SimpleCrossAttnDownBlock3D",),
+    up_block_types=("SimpleCrossAttnUpBlock3D",),
+    block_out_channels=(32,),
+)
+TEXT_LEN, TEXT_DIM = 8, MICRO.encoder_hid_dim
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module (and its subprocesses), restored afterwards."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {n: getattr(jax.config, n) for n in names}
+    cache = tmp_path_factory.mktemp("jax_cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(str(cache))
+    yield cache
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Synthetic clips (6 frames, 16x24), a caption CSV, an embedding table with "", and the micro config.json."""
+    root = tmp_path_factory.mktemp("train")
+    generate_dataset(root / "clips", 8, SyntheticConfig(height=16, width=24, num_frames=6, speed=1), seed=1)
+    captions = sorted({r["caption"] for r in read_metadata(root / "clips")}) + [""]
+    rng = np.random.default_rng(0)
+    table = {c: rng.normal(size=(TEXT_LEN, TEXT_DIM)).astype(np.float32) for c in captions}
+    save_caption_embeddings(root / "embeddings.npz", table)
+    config = {"_class_name": "UNet3DConditionModel", **config_to_dict(MICRO)}
+    (root / "micro.json").write_text(json.dumps(config))
+    return root
+
+
+def micro_settings(workspace: Path, workdir: Path, *overrides: str) -> TrainSettings:
+    """The shared test run: micro UNet, keyframes, batch 2, one device, lr 1e-3, checkpoints every 2 steps."""
+    base = [
+        "stage=keyframes",
+        f"workdir={workdir}",
+        "steps=4",
+        "log_every=1",
+        "mesh=data=1,fsdp=1",
+        f"model.config={workspace / 'micro.json'}",
+        "data.path=null",
+        f"data.source={workspace / 'clips'}",
+        f"data.build_dir={workspace / 'built'}",
+        "data.frames=4",
+        "data.height=16",
+        "data.width=24",
+        f"data.embeddings={workspace / 'embeddings.npz'}",
+        "data.batch_size=2",
+        "optim.learning_rate=0.001",
+        "checkpoint.every=2",
+        "model.temporal_conv_dropout=false",  # fewer ops: the shared step compiles in ~30 s instead of ~45 s
+    ]
+    return load_settings(TrainSettings, None, base + list(overrides))
+
+
+def losses(result) -> list[float]:
+    return [json.loads(line)["loss"] for line in result.metrics_path.read_text().splitlines()]
+
+
+class Events:
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+    def metrics(self, step, values) -> None:
+        pass
+
+
+# --- objective -----------------------------------------------------------------------------------------------------
+
+
+def test_learned_variance_term_is_zero_at_the_true_posterior_and_does_not_train_the_mean():
+    tables = DiffusionTables.from_scheduler(load_scheduler_config(PIXEL_DPM_SCHEDULER))
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.uniform(-1, 1, (3, 2, 4, 4, 3)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+    t = jnp.array([1, 500, 999])
+    abar = jnp.asarray(tables.alphas_cumprod)[t][:, None, None, None, None]
+    x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
+    # A perfect ε and variance channels -1 (log variance = the true posterior's): KL = 0, MSE = 0.
+    perfect = jnp.concatenate([noise, -jnp.ones_like(noise)], axis=-1)
+    loss, parts = diffusion_loss(perfect, x0, x_t, noise, t, tables)
+    assert float(parts["mse"]) == 0.0
+    assert abs(float(parts["vlb"])) < 1e-5 and abs(float(loss)) < 1e-5
+    # Any other variance raises the VLB term (a KL is >= 0).
+    _, parts = diffusion_loss(perfect.at[..., 3:].set(0.5), x0, x_t, noise, t, tables)
+    assert float(parts["vlb"]) > 1e-3
+    # Stop-gradient on the mean: the ε channels' gradient is the MSE's alone, whatever the VLB weight.
+    output = jnp.concatenate([noise + 0.3, jnp.zeros_like(noise)], axis=-1)
+
+    def grad(weight):
+        fn = lambda out: diffusion_loss(out, x0, x_t, noise, t, tables, learned_variance_weight=weight)[0]  # noqa: E731
+        return jax.grad(fn)(output)
+
+    with_vlb, without = grad(1.0), grad(0.0)
+    np.testing.assert_array_equal(with_vlb[..., :3], without[..., :3])
+    assert float(jnp.abs(with_vlb[..., 3:]).max()) > 0 and float(jnp.abs(without[..., 3:]).max()) == 0
+    # v-prediction: target alpha * eps - sigma * x0.
+    v = jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+    _, parts = diffusion_loss(v, x0, x_t, noise, t, tables, prediction_type="v_prediction")
+    assert float(parts["mse"]) == 0.0
+
+
+def test_stage_conditioning_sr1_and_temporal_crop():
+    rng = np.random.default_rng(0)
+    video = jnp.asarray(rng.uniform(-1, 1, (2, 5, 8, 12, 3)), jnp.float32)
+    alphas = load_scheduler_config(NOISING_SCHEDULER)
+    from show1_jax.schedulers import noise_tables
+
+    abar = noise_tables(alphas).alphas_cumprod
+    cond, level = sr1_condition(video, jax.random.key(0), abar, SR1Settings(low_res_factor=4, noise_level_max=0))
+    assert cond.shape == video.shape and level.tolist() == [0, 0]
+    np.testing.assert_array_equal(cond[:, 0], video[:, 0])  # the clean high-res first frame
+    # Level 0 (abar = 0.99996): the rest is the 4x-downsampled clip upsampled back, smooth and close to the video.
+    assert float(jnp.abs(cond[:, 1:] - video[:, 1:]).mean()) < 0.6
+    cond, level = sr1_condition(video, jax.random.key(1), abar, SR1Settings(noise_level_min=200, noise_level_max=300))
+    assert all(200 <= v <= 300 for v in level.tolist())
+    clip = temporal_crop(video, 3, jax.random.key(2))
+    assert clip.shape == (2, 3, 8, 12, 3)
+    for b in range(2):  # a contiguous window of each clip
+        start = [s for s in range(3) if np.array_equal(clip[b], video[b, s : s + 3])]
+        assert len(start) == 1
+
+
+def test_remat_gives_the_same_gradients():
+    model = random_model(UNet3DConditionModel, MICRO, seed=0)
+    view, params = ModelView.split(model)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 4, 8, 8, 3)), jnp.float32)
+    text = jnp.asarray(rng.normal(size=(1, TEXT_LEN, TEXT_DIM)), jnp.float32)
+    t = jnp.array([300])
+
+    def grads(remat):
+        apply = unet_apply(view, remat=remat)
+        loss = lambda p: jnp.mean(apply(p, x, t, text, None, jax.random.key(0)) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    plain, remat = grads(False), grads(True)
+    for key in plain:
+        np.testing.assert_allclose(remat[key], plain[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_keep_the_last_n_survive_donation_and_restore_onto_another_mesh(tmp_path):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from show1_jax.sharding import make_mesh
+
+    params = {"a.kernel": jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32), "a.bias": jnp.ones((32,))}
+    optimizer = make_optimizer(OptimSettings(ema_decay=0.9), 10)
+    state = init_train_state(params, optimizer, 0, ema=True)
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, s), donate_argnums=0)
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt", keep=2, async_save=True)
+    expected = {}
+    for step in range(1, 5):
+        state = bump(state)  # donates the arrays the previous (async) save was given
+        expected[step] = jax.tree.map(np.array, state)
+        checkpointer.save(step, state, {"epoch": 0, "position": 2 * step}, {"stage": "test"})
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [3, 4]
+    mesh = make_mesh("data=2,fsdp=4")  # written on one device, restored onto 8
+    shardings = {"a.kernel": NamedSharding(mesh, P("fsdp")), "a.bias": NamedSharding(mesh, P())}
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0, ema=True), params)
+    target = abstract_with_shardings(abstract, train_state_shardings(abstract, shardings, optimizer, mesh))
+    for step in (3, 4):
+        restored, data_state = checkpointer.restore(step, target)
+        assert data_state == {"epoch": 0, "position": 2 * step}
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, expected[step])
+    assert restored.params["a.kernel"].sharding == shardings["a.kernel"]
+    assert restored.ema["a.kernel"].sharding == shardings["a.kernel"]
+    checkpointer.close()
+
+
+# --- training runs -------------------------------------------------------------------------------------------------
+
+
+def test_bad_videos_are_reported_with_their_path_and_skipped_by_option(workspace, tmp_path):
+    import csv
+    import shutil
+
+    source = tmp_path / "clips"
+    shutil.copytree(workspace / "clips", source)
+    (source / "videos" / "broken.mp4").write_bytes(b"this is not a video")
+    with open(source / "captions.csv", "a", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["videos/broken.mp4", "a red circle moving left", "red", "circle", "left"])
+        writer.writerow(["videos/missing.mp4", "a red circle moving left", "red", "circle", "left"])
+    overrides = (f"data.source={source}", f"data.build_dir={tmp_path / 'built'}")
+    # Default: the first bad file stops the run before training, naming the file and the option.
+    with pytest.raises(TrainDataError, match=r"broken\.mp4.*data\.skip_bad=true"):
+        run_training(micro_settings(workspace, tmp_path / "strict", *overrides))
+    # A clip too short for the requested frames is reported the same way.
+    with pytest.raises(TrainDataError, match=r"videos/0000\d\.mp4"):
+        run_training(micro_settings(workspace, tmp_path / "long", *overrides, "data.frames=12", "data.skip_bad=false"))
+    # skip_bad: both are left out, listed (path and reason) in the log and in skipped_videos.json; training runs.
+    events = Events()
+    result = run_training(
+        micro_settings(workspace, tmp_path / "lenient", *overrides, "data.skip_bad=true", "steps=1"), logger=events
+    )
+    assert result.step == 1 and np.isfinite(result.last_metrics["loss"])
+    assert {Path(b.video_path).name for b in result.skipped} == {"broken.mp4", "missing.mp4"}
+    logged = [m for m in events.messages if m.startswith("skipped video")]
+    assert any("broken.mp4" in m and "VideoDecodeError" in m for m in logged)
+    assert any("missing.mp4" in m and "VideoNotFoundError" in m for m in logged)
+    assert len(json.loads((tmp_path / "lenient" / "skipped_videos.json").read_text())) == 2
+    # A caption column that is not there: the error names the column and the columns the CSV has.
+    with pytest.raises(CaptionCsvError, match=r"no column 'text'.*'video_path', 'caption'"):
+        run_training(
+            micro_settings(
+                workspace,
+                tmp_path / "cols",
+                *overrides,
+                f"data.build_dir={tmp_path / 'b2'}",
+                "data.caption_column=text",
+            )
+        )
+
+
+def test_temporal_attention_finetuning_touches_nothing_else(workspace, tmp_path):
+    settings = micro_settings(workspace, tmp_path / "motion", "optim.trainable=temporal_attention", "steps=2")
+    result = run_training(settings)
+    before = flat_params(random_model(UNet3DConditionModel, MICRO, seed=0))
+    after = flat_params(load_component(result.unet_dir))
+    trained = [k for k in before if is_trainable(k, "temporal_attention")]
+    assert trained and all("temp_attentions" in k for k in trained)
+    for key, value in before.items():
+        if key in trained:
+            continue
+        np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value), err_msg=key)  # bitwise unchanged
+    assert sum(not np.array_equal(after[k], before[k]) for k in trained) > len(trained) // 2
+    # The checkpoint holds optimizer state for the temporal attention parameters only.
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(result.checkpoint_dir / "2" / "state")
+    tree = getattr(meta, "item_metadata", meta)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(tree))[0]]
+    per_param = [
+        p for p in paths if p.startswith(("['opt_state']", "['params']")) and p.endswith(("kernel']", "bias']"))
+    ]
+    assert any(p.startswith("['opt_state']") for p in per_param)
+    assert all("temp_attentions" in p for p in per_param), [p for p in per_param if "temp_attentions" not in p][:3]
+
+
+def test_show1_train_command_reduces_the_loss(workspace, tmp_path, capsys):
+    """``show1 train`` end to end (progress bar, metrics lines, export), and a fast proxy of the loss-curve
+    acceptance run (bench/train_loss_curve.py): 24 steps at lr 1e-3 bring the mean loss of the last 6 steps well
+    below that of the first 6 (measured 0.51x)."""
+    from show1_jax.train import main
+
+    settings = micro_settings(workspace, tmp_path / "cli", "checkpoint.every=100")
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(to_mapping(settings)))
+    assert main([str(config), "steps=24"]) == 0
+    out = capsys.readouterr()
+    assert "step 24: " in out.out and "samples_per_s=" in out.out and "step_time_s=" in out.out
+    assert "24/24" in out.err  # the progress bar
+    curve = [json.loads(line)["loss"] for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve) == 24 and all(np.isfinite(curve))
+    assert np.mean(curve[-6:]) < 0.75 * np.mean(curve[:6]), curve
+    unet = load_component(tmp_path / "cli" / "unet")  # the converted format
+    assert unet.config == MICRO
+    # A bad override is an error that names the known keys, not a crash.
+    assert main([str(config), "optim.learning_rte=0.1"]) == 1
+    assert "learning_rate" in capsys.readouterr().err
+
+
+RESUME_SCRIPT = """
+import sys, time
+from show1_jax.settings import load_settings
+from show1_jax.train import TrainSettings, run_training
+
+class SlowFromStep3:  # keeps the run alive after its first checkpoint, so the kill lands mid-run
+    n = 0
+    def update(self, n):
+        self.n += n
+        print("step", self.n, flush=True)
+        if self.n >= 3:
+            time.sleep(2.0)
+
+run_training(load_settings(TrainSettings, sys.argv[1]), progress=SlowFromStep3())
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, compile_cache):
+    """~60 s on 2 cores: a subprocess is killed after its step-2 checkpoint, resumed here to step 6."""
+    steps = ("steps=6",)
+    reference = run_training(micro_settings(workspace, tmp_path / "straight", *steps))
+    killed = micro_settings(workspace, tmp_path / "killed", *steps)
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(to_mapping(killed)))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESUME_SCRIPT, str(config)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "2"  # orbax renames the folder into place on commit
+    deadline = time.monotonic() + 300
+    while not first_checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert first_checkpoint.is_dir()
+    assert not (tmp_path / "killed" / "unet").exists()  # it never finished
+    resumed = run_training(killed)
+    assert resumed.step == 6
+    assert losses(resumed)[-1] == losses(reference)[-1]
+    a, b = flat_params(load_component(reference.unet_dir)), flat_params(load_component(resumed.unet_dir))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(b[key]), np.asarray(a[key]), err_msg=key)
+
+
+@pytest.mark.slow
+def test_eight_devices_with_data_and_fsdp_match_one_device(workspace, tmp_path):
+    """~80 s on 2 cores: compiling the 8-device step (~45 s) and running it on 8 virtual devices (~5 s a step)."""
+    import shutil
+
+    assert jax.device_count() >= 8, "tests/conftest.py sets 8 virtual CPU devices"
+    sharded = ("mesh=data=2,fsdp=4", "sharding_threshold=1024")
+    single = run_training(micro_settings(workspace, tmp_path / "single", "steps=3"))  # checkpoints at 2 and 3
+    events = Events()
+    multi = run_training(micro_settings(workspace, tmp_path / "multi", "steps=2", *sharded), logger=events)
+    np.testing.assert_allclose(losses(multi), losses(single)[:2], rtol=2e-5)
+    # Parameters above the threshold were split over fsdp: the most loaded device holds well under the total.
+    (summary,) = [m for m in events.messages if m.startswith("parameter bytes")]
+    total, per_device = (int(v) for v in re.findall(r"(\d+) ", summary)[:2])
+    assert per_device < 0.5 * total, summary
+    # The one-device checkpoint of step 2 resumes on the 8-device mesh and takes step 3 as the one device did.
+    shutil.copytree(single.checkpoint_dir / "2", tmp_path / "moved" / "checkpoints" / "2")
+    events = Events()
+    resumed = run_training(micro_settings(workspace, tmp_path / "moved", "steps=3", *sharded), logger=events)
+    assert any(m.startswith("resumed from step 2") for m in events.messages)
+    np.testing.assert_allclose(losses(resumed), losses(single)[2:], rtol=2e-5)
