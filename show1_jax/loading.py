@@ -305,8 +305,9 @@ def save_converted(model: nnx.Module, out_dir: str | Path) -> Path:
     raw[CONVERTED_MARKER] = {"format": 1, "class_name": name}
     with _atomic_folder(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / CONVERTED_PARAMS_DIR, flat_params(model))
+        # Uncompressed: weights do not compress, and zstd decoding would cost more than the read (bench_load.py).
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+            ckptr.save(tmp / CONVERTED_PARAMS_DIR, args=ocp.args.PyTreeSave(flat_params(model)))
     return Path(out_dir).resolve()
 
 
