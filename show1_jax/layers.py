@@ -145,8 +145,9 @@ def attention(q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = N
     Args:
       q: [N, Lq, H*D]; k, v: [N, Lk, H*D] (channel index = head * D + d, SPEC.md §1.5).
       chunk: at most this many logits [N, H, Lq, Lk] at once (None: all at once). Larger problems run in a
-        ``fori_loop`` over groups of sequences, and, if one sequence is still too big, over query blocks; every
-        query row's softmax is unchanged, so results equal the unchunked ones (see :func:`set_attention_chunk`).
+        ``fori_loop`` over blocks of queries of every sequence (or, if even one query per sequence is too much, over
+        groups of sequences); every query row's softmax is unchanged, so results equal the unchunked ones (see
+        :func:`set_attention_chunk`).
 
     Returns:
       [N, Lq, H*D]
@@ -155,14 +156,14 @@ def attention(q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = N
     lk = k.shape[1]
     if chunk is None or n * heads * lq * lk <= chunk:
         return _attention(q, k, v, heads)
-    if heads * lq * lk <= chunk:  # whole sequences, several per step
-        rows, block = _largest_divisor(n, chunk // (heads * lq * lk)), lq
-    else:  # one sequence per step, in query blocks
-        rows, block = 1, _largest_divisor(lq, chunk // (heads * lk))
+    if n * heads * lk <= chunk:  # every sequence in each step, in blocks of queries
+        rows, block = n, _largest_divisor(lq, chunk // (n * heads * lk))
+    else:  # groups of sequences, one query at a time
+        rows, block = _largest_divisor(n, chunk // (heads * lk)), 1
     groups, blocks = n // rows, lq // block
     # Step (g, b) takes rows {r * groups + g} (spread over the whole batch, so a batch split over devices stays
-    # split inside the loop) and query block b. Results overwrite the (copied) queries in place: no stacked output
-    # buffer, whose zero-initialised copies XLA would keep alive from the program's start.
+    # split inside the loop; usually all rows) and query block b. Results overwrite the (copied) queries in place:
+    # no stacked output buffer, whose zero-initialised copies XLA would keep alive from the program's start.
     qs = q.reshape(rows, groups, blocks, block, hd).transpose(1, 2, 0, 3, 4)  # [G, NB, R, block, H*D]
     ks = k.reshape(rows, groups, lk, hd).swapaxes(0, 1)  # [G, R, Lk, H*D]
     vs = v.reshape(rows, groups, lk, hd).swapaxes(0, 1)

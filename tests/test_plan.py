@@ -93,7 +93,13 @@ def test_flop_counter_multiplies_loops():
 def test_attention_logits_are_found_in_compiled_hlo():
     """The logits block per step (chunked or not), and whether XLA:CPU fused it away (dot -> softmax -> dot)."""
     q = jax.ShapeDtypeStruct((6, 40, 32), jnp.float32)
-    for chunk, biggest in ((None, 6 * 4 * 40 * 40), (2 * 4 * 40 * 40, 2 * 4 * 40 * 40), (4 * 8 * 40, 4 * 8 * 40)):
+    # 12800: blocks of 10 queries of all 6 sequences; 1280: 1 query of all 6; 500: 1 query of 3 sequences
+    for chunk, biggest in (
+        (None, 6 * 4 * 40 * 40),
+        (12800, 6 * 4 * 10 * 40),
+        (1280, 6 * 4 * 1 * 40),
+        (500, 3 * 4 * 40),
+    ):
         hlo = jax.jit(lambda a, b, c: attention(a, b, c, 4, chunk=chunk)).lower(q, q, q).compile().as_text()  # noqa: B023
         largest, fused = P.attention_logits(hlo)
         assert largest == biggest and fused in (0, biggest)  # XLA:CPU fuses the larger ones away
@@ -222,8 +228,8 @@ def test_plan_caches_reports(tmp_path, monkeypatch):
 @pytest.mark.parametrize("chunk", [1, 4096])
 @pytest.mark.parametrize("case", golden.model_cases("showone_unet3d", "diffusers_unet2d"))
 def test_attention_chunk_keeps_unet_golden_parity(case, chunk):
-    """chunk=1: every attention runs one query at a time; 4096: groups of whole sequences (and query blocks for the
-    larger ones). Same tolerance as tests/test_unet.py's float32 parity (1e-5)."""
+    """chunk=1: every attention runs one query of one sequence at a time; 4096: blocks of queries of every sequence
+    (or groups of sequences). Same tolerance as tests/test_unet.py's float32 parity (1e-5)."""
     model = load_component(case)
     assert set_attention_chunk(model, chunk) > 0
     inputs = golden.load_npz(case / "inputs.npz")
