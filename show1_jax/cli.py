@@ -170,15 +170,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # imageio-ffmpeg starts ffmpeg with subprocess; the child execs at once, so JAX's fork warning does not apply.
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # the planner owns its arguments (and must set XLA flags before JAX starts)
+        from show1_jax.plan import main as plan_main
+
+        return plan_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # prompts and key=value overrides may come after options
-        if getattr(args, "command", None) == "plan":
-            args.rest = list(args.rest) + extra
-        elif getattr(args, "command", None) != "generate" or any(x.startswith("-") for x in extra):
+        if getattr(args, "command", None) != "generate" or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        else:
-            args.items = list(args.items) + extra
+        args.items = list(args.items) + extra
     try:
         return args.func(args)
     except (OSError, ValueError, KeyError) as err:
