@@ -27,6 +27,7 @@ from flax import nnx
 
 from show1_jax import stages
 from show1_jax.generate_settings import STAGES, GenerateSettings, Weights, interpolated_frames
+from show1_jax.layers import set_attention_chunk
 from show1_jax.loading import load_component
 from show1_jax.schedulers import img2img_t_start, load_scheduler_config, make_schedule, noise_tables
 from show1_jax.settings import to_mapping
@@ -95,6 +96,7 @@ class Show1Pipeline:
       keep_loaded: keep models in memory between calls (default: free each stage's models after it ran).
       cache_dir: an embedding cache folder: prompts encoded once are not encoded (nor T5 loaded) again.
       sharding: ``(param_path, shape) -> Sharding`` placing parameters (see ``show1_jax.sharding``).
+      attention_chunk: at most this many attention logits at once (exact; None: unbounded).
     """
 
     def __init__(
@@ -105,8 +107,10 @@ class Show1Pipeline:
         keep_loaded: bool = False,
         cache_dir: str | Path | None = None,
         sharding: Callable | None = None,
+        attention_chunk: int | None = 2**27,
     ):
         self.weights, self.dtype, self.keep_loaded, self.sharding = weights, dtype, keep_loaded, sharding
+        self.attention_chunk = attention_chunk
         self.cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
         self._models: dict[Path, tuple[nnx.GraphDef, Any]] = {}
         self._encoders: dict[Path, TextEncoder] = {}
@@ -133,6 +137,8 @@ class Show1Pipeline:
         path = self.folder(repo, component)
         if path not in self._models:
             model = load_component(path, dtype=self.dtype, variant=self.weights.variant, sharding=self.sharding)
+            # Exact blocked attention: bounds SR2's 3.1e10 spatial-attention logits (docs/scaling.md).
+            set_attention_chunk(model, self.attention_chunk)
             self._models[path] = nnx.split(model)
         return self._models[path]
 
