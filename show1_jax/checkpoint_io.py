@@ -15,6 +15,7 @@ Layouts handled (SPEC §5.6): a component folder as diffusers or transformers re
 
 from __future__ import annotations
 
+import abc
 import collections
 import json
 import math
@@ -133,7 +134,7 @@ class _Entry:
     dtype: np.dtype
 
 
-class _Source:
+class _Source(abc.ABC):
     """One open weight file: its tensors' shapes and dtypes, and a way to read one tensor."""
 
     path: Path
@@ -146,8 +147,9 @@ class _Source:
         self._size = path.stat().st_size
         self._lock = threading.Lock()
 
+    @abc.abstractmethod
     def read(self, key: str) -> np.ndarray:
-        raise NotImplementedError
+        """One tensor, read from the file."""
 
     def close(self) -> None:
         if self._file is not None:
