@@ -5,11 +5,13 @@ Names of sub-modules follow the reference's state-dict names so the key tables s
 float32 (see ``stat_dtype``). SPEC.md §1.3 lists the statistics axes, group counts and epsilons reproduced here.
 
 Every parameter carries logical axis names (``out_sharding`` metadata, see :func:`logical`); the one table in
-``show1_jax/sharding.py`` maps them to mesh axes. Attention can run in chunks (:func:`set_attention_chunk`).
+``show1_jax/sharding.py`` maps them to mesh axes. Attention can run in chunks (:func:`set_attention_chunk`) and picks
+its implementation per backend (:data:`ATTENTION_IMPLEMENTATIONS`, :func:`set_attention_implementation`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from show1_jax import kernels
 from show1_jax.sharding import constrain
 
 Array = jax.Array
@@ -139,11 +142,30 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = None) -> Array:
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel", "dot_product_attention")
+"""How :func:`attention` computes one block (every choice gives the same softmax attention):
+
+- ``"auto"`` (default): per backend, at lowering time (``lax.platform_dependent``): on the CPU the compiled kernel
+  (show1_jax/kernels) for float32 when it is available, else ``"xla"``; on CUDA/ROCm GPUs
+  ``jax.nn.dot_product_attention`` (cuDNN's fused flash attention where it applies); elsewhere (TPU) ``"xla"``,
+  which XLA:TPU fuses itself.
+- ``"xla"``: the plain jnp version ([N, H, L, D] matmuls and a float32-or-wider softmax). The reference for tests,
+  used for float64, and by ``show1 plan`` (whose FLOP count reads the matmuls).
+- ``"cpu_kernel"``: the compiled CPU kernel (float32; an error where it cannot be built or on another backend).
+- ``"dot_product_attention"``: ``jax.nn.dot_product_attention`` with its own backend choice.
+
+The compiled kernel is forward only: gradients are the plain version's (``jax.custom_vjp``).
+"""
+
+
+def attention(
+    q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = None, implementation: str = "auto"
+) -> Array:
     """Multi-head softmax attention with scale 1/sqrt(head_dim), no mask.
 
     Args:
       q: [N, Lq, H*D]; k, v: [N, Lk, H*D] (channel index = head * D + d, SPEC.md §1.5).
+      implementation: one of :data:`ATTENTION_IMPLEMENTATIONS`.
       chunk: at most this many logits [N, H, Lq, Lk] at once (None: all at once). Larger problems run in a
         ``fori_loop`` over blocks of queries of every sequence (or, if even one query per sequence is too much, over
         groups of sequences); every query row's softmax is unchanged, so results equal the unchunked ones (see
@@ -152,10 +174,13 @@ def attention(q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = N
     Returns:
       [N, Lq, H*D]
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLEMENTATIONS}")
     n, lq, hd = q.shape
     lk = k.shape[1]
+    compute = functools.partial(_attention_block, heads=heads, implementation=implementation)
     if chunk is None or n * heads * lq * lk <= chunk:
-        return _attention(q, k, v, heads)
+        return compute(q, k, v)
     if n * heads * lk <= chunk:  # every sequence in each step, in blocks of queries
         rows, block = n, _largest_divisor(lq, chunk // (n * heads * lk))
     else:  # groups of sequences, one query at a time
@@ -172,7 +197,7 @@ def attention(q: Array, k: Array, v: Array, heads: int, *, chunk: int | None = N
         g, b = i // blocks, i % blocks
         qi = jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(out, g, 0, False), b, 0, False)
         ki, vi = (jax.lax.dynamic_index_in_dim(x, g, 0, False) for x in (ks, vs))
-        res = _attention(qi, ki, vi, heads)  # [R, block, H*D]
+        res = compute(qi, ki, vi)  # [R, block, H*D]
         return jax.lax.dynamic_update_slice(out, res[None, None], (g, b, 0, 0, 0))
 
     out = jax.lax.fori_loop(0, groups * blocks, step, qs)
@@ -187,8 +212,53 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return 1
 
 
+def _attention_block(q: Array, k: Array, v: Array, *, heads: int, implementation: str) -> Array:
+    """:func:`attention` in one piece, by ``implementation``."""
+    if implementation == "xla" or q.dtype == jnp.float64 or k.shape[1] == 0:
+        return _attention(q, k, v, heads)
+    if implementation == "dot_product_attention":
+        return _dot_product_attention(q, k, v, heads)
+    if implementation == "cpu_kernel":
+        if q.dtype != jnp.float32 or kernels.cpu_attention_kernel() is None:
+            raise ValueError(
+                f"attention implementation 'cpu_kernel' needs float32 inputs and a C++ compiler (got {q.dtype}; "
+                "see show1_jax/kernels): use 'auto' or 'xla'"
+            )
+        return _cpu_kernel_attention(q, k, v, heads)
+    per_head = lambda f: functools.partial(f, heads=heads)
+    branches = {"cuda": per_head(_dot_product_attention), "rocm": per_head(_dot_product_attention)}
+    if q.dtype == jnp.float32 and kernels.cpu_attention_kernel() is not None:
+        branches["cpu"] = per_head(_cpu_kernel_attention)
+    return jax.lax.platform_dependent(q, k, v, **branches, default=per_head(_attention))
+
+
+def _dot_product_attention(q: Array, k: Array, v: Array, heads: int) -> Array:
+    """``jax.nn.dot_product_attention`` on [N, L, H, D] views (its layout is ours split by head)."""
+    n, lq, hd = q.shape
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, hd // heads)
+    return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(n, lq, hd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cpu_kernel_attention(q: Array, k: Array, v: Array, heads: int) -> Array:
+    """The compiled CPU kernel (show1_jax/kernels/cpu_attention.cc); float32, forward only."""
+    call = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="broadcast_all")
+    return call(q, k, v, heads=np.int64(heads), scale=np.float32((q.shape[-1] // heads) ** -0.5))
+
+
+def _cpu_kernel_fwd(q, k, v, heads):
+    return _cpu_kernel_attention(q, k, v, heads), (q, k, v)
+
+
+def _cpu_kernel_bwd(heads, residuals, grad):
+    return jax.vjp(lambda q, k, v: _attention(q, k, v, heads), *residuals)[1](grad)
+
+
+_cpu_kernel_attention.defvjp(_cpu_kernel_fwd, _cpu_kernel_bwd)
+
+
 def _attention(q: Array, k: Array, v: Array, heads: int) -> Array:
-    """:func:`attention` in one piece."""
+    """:func:`attention` in one piece, in jnp (the ``"xla"`` implementation)."""
     n, lq, hd = q.shape
     d = hd // heads
     q = q.reshape(n, lq, heads, d).transpose(0, 2, 1, 3)  # [N, H, Lq, D]: measured faster than BLHD on XLA-CPU
@@ -465,6 +535,7 @@ class Attention(nnx.Module):
         inner = heads * head_dim
         self.heads = heads
         self.attention_chunk: int | None = None  # see set_attention_chunk
+        self.attention_implementation = "auto"  # see set_attention_implementation
         qkv = ("embed", "heads")
         self.to_q = dense(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs, axes=qkv)
         self.to_k = dense(context_dim or query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs, axes=qkv)
@@ -475,7 +546,9 @@ class Attention(nnx.Module):
         """x: [N, L, D]; context: [N, S, Dc] or None (self-attention) -> [N, L, D]."""
         ctx = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        return self.to_out(attention(q, k, v, self.heads, chunk=self.attention_chunk))
+        return self.to_out(
+            attention(q, k, v, self.heads, chunk=self.attention_chunk, implementation=self.attention_implementation)
+        )
 
 
 class FeedForward(nnx.Module):
@@ -612,6 +685,7 @@ class AddedKVAttention(nnx.Module):
         else:
             raise ValueError(f"cross_attention_norm `{cross_attention_norm}` is not supported")
         self.attention_chunk: int | None = None  # see set_attention_chunk
+        self.attention_implementation = "auto"  # see set_attention_implementation
         qkv = ("embed", "heads")
         self.to_q = dense(channels, inner, dtype=dtype, rngs=rngs, axes=qkv)
         if not only_cross_attention:
@@ -631,7 +705,9 @@ class AddedKVAttention(nnx.Module):
         if not self.only_cross_attention:
             k = jnp.concatenate([k, self.to_k(tokens)], axis=1)
             v = jnp.concatenate([v, self.to_v(tokens)], axis=1)
-        out = self.to_out(attention(q, k, v, self.heads, chunk=self.attention_chunk))
+        out = self.to_out(
+            attention(q, k, v, self.heads, chunk=self.attention_chunk, implementation=self.attention_implementation)
+        )
         return constrain(out.reshape(x.shape) + x, ROWS)
 
 
@@ -652,5 +728,23 @@ def set_attention_chunk(model: nnx.Module, chunk: int | None) -> int:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, (Attention, AddedKVAttention)):
             node.attention_chunk = chunk
+            count += 1
+    return count
+
+
+def set_attention_implementation(model: nnx.Module, implementation: str) -> int:
+    """Compute every :class:`Attention` / :class:`AddedKVAttention` of ``model`` with ``implementation``.
+
+    One of :data:`ATTENTION_IMPLEMENTATIONS` (default ``"auto"``). Static, like :func:`set_attention_chunk`.
+
+    Returns:
+      The number of attention modules set.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLEMENTATIONS}")
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (Attention, AddedKVAttention)):
+            node.attention_implementation = implementation
             count += 1
     return count

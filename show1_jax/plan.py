@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from show1_jax import sharding as sh
-from show1_jax.layers import set_attention_chunk
+from show1_jax.layers import set_attention_chunk, set_attention_implementation
 from show1_jax.loading import abstract_model, build_config
 
 GIB = 2**30
@@ -416,6 +416,8 @@ def plan_stage(
     def build(dt: Any, chunk: int | None) -> nnx.Module:
         model = abstract_model(class_name, cfg, dt)
         set_attention_chunk(model, chunk)
+        # Plans are for accelerators and count attention FLOPs from its matmuls: never the CPU kernel's custom call.
+        set_attention_implementation(model, "xla")
         return model
 
     # FLOPs: the unchunked program, attention and VAE frames alike (XLA's cost analysis counts a loop body once).
