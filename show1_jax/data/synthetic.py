@@ -182,8 +182,11 @@ def split_combinations(
     )
 
 
-def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
-    """Boolean mask of ``shape`` from (toroidal) offsets to its centre; r is the circumradius-ish half size."""
+def shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    """Boolean mask of ``shape`` from (toroidal) offsets to its centre; r is the circumradius-ish half size.
+
+    ``dy`` and ``dx`` broadcast against each other; ``r`` is a scalar. ``alignment`` renders its templates with it.
+    """
     ady, adx = np.abs(dy), np.abs(dx)
     if shape == "circle":
         return dy**2 + dx**2 <= r**2
@@ -213,7 +216,7 @@ def render_clip(spec: ClipSpec, config: SyntheticConfig = SyntheticConfig()) -> 
         cx = spec.center_x + t * config.speed * step_x
         dy = (ys - cy + h / 2) % h - h / 2  # toroidal offsets: the wrap-around
         dx = (xs - cx + w / 2) % w - w / 2
-        frames[t][_shape_mask(spec.shape, dy, dx, config.shape_radius)] = colour
+        frames[t][shape_mask(spec.shape, dy, dx, config.shape_radius)] = colour
     return frames
 
 
@@ -327,5 +330,6 @@ __all__ = [
     "generate_dataset",
     "read_metadata",
     "render_clip",
+    "shape_mask",
     "split_combinations",
 ]
