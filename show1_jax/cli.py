@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from show1_jax.train import add_train_arguments, cmd_train
 
-    p = sub.add_parser("train", help="train or finetune a stage's UNet (configs/train_*.yaml)")
+    p = sub.add_parser("train", help="train or finetune a stage's UNet or SR2's VAE (configs/train_*.yaml)")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 

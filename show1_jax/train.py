@@ -1,4 +1,5 @@
-"""Training the Show-1 UNets: per-stage objectives, a pure sharded train step, orbax checkpoints and ``show1 train``.
+"""Training the Show-1 cascade's models: per-stage objectives, a pure sharded train step, orbax checkpoints and
+``show1 train``.
 
 No training code was released for Show-1 (SPEC.md §9); this trainer follows what the released models and inference
 pipelines imply, and states its own choices.
@@ -29,10 +30,22 @@ What each stage's UNet sees (SPEC.md §3):
 - SR1: ``[x_t (3), upsampled noised low-res (3)]``: the clip downsampled by ``sr1.low_res_factor``, upsampled
   bilinearly with align_corners as at inference, noised by the image-noising scheduler at a random level that is
   also ``class_labels``, and frame 0 replaced by the clean high-res frame 0 (the reference's ``first_frame_cond``);
+- first_frame (IF-II-L, a 2D UNet): one random frame of each clip, ``[x_t (3), upsampled noised low-res (3)]`` made
+  as SR1's (``low_res_condition``, shared) and as ``stages.first_frame_sr`` makes it at inference, the noise level as
+  ``class_labels``; the learned-range DDPM of IF-II-L (SPEC.md §4.5) as the training schedule;
 - SR2: the clip encoded by the frozen VAE (posterior sample times ``scaling_factor``), 4 latent channels, CLIP text;
   timesteps 0..900 by default (SPEC.md §9).
 
-The train step is a pure function ``(state, frozen, batch, null_text, vae_params) -> (state, metrics)`` under
+The autoencoder (stage ``vae``, ``vae_loss``): one random frame of each clip is encoded, a posterior sample decoded,
+and ``(Σ rec + kl_weight · Σ KL) / (H·W·C)`` minimised per image, with ``rec`` = |x - x̂| (``vae.reconstruction_loss``
+= l1, SD's choice) or (x - x̂)² and KL that of the diagonal posterior against N(0, I), both summed over the image as
+SD's LPIPSWithDiscriminator does (so its ``kl_weight`` = 1e-6 carries over) and then normalised per pixel value. SD's
+LPIPS and patch-GAN terms (and its learned output log-variance) are left out: reconstructions are blurrier, which
+suits toy cascades; a production VAE should be the released one. At export ``scaling_factor`` = 1 / std of posterior
+samples of every frame of the first training batch (SD's ``scale_by_std``), so SR2's latents have unit variance.
+
+The train step (``make_train_step``; ``make_vae_train_step`` for the autoencoder, same signature) is a pure function
+``(state, frozen, batch, null_text, vae_params) -> (state, metrics)`` under
 ``jax.jit`` with explicit in/out shardings on a mesh from ``show1_jax.sharding`` (parameters split by its rules,
 the batch over ``data`` and ``fsdp``), the state donated. All randomness is ``fold_in(state.rng, state.step)``, so a
 resumed run draws exactly what an uninterrupted one would. Only the trainable parameters (``optim.trainable``) are
@@ -52,7 +65,9 @@ API::
     run_training(settings: TrainSettings, *, logger=None, progress=None) -> TrainResult
     main(argv) -> int                      # show1 train CONFIG [key=value ...]
     make_train_step(view, objective, optimizer, ...) -> train_step   (pure; jit it with jit_train_step)
+    make_vae_train_step(view, vae_settings, optimizer, ...) -> train_step
     diffusion_loss(output, x0, x_t, noise, t, tables, ...) -> (loss, parts)
+    vae_loss(vae, images, key, vae_settings) -> (loss, parts)
 """
 
 from __future__ import annotations
@@ -77,17 +92,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from show1_jax import sharding as shd
 from show1_jax.schedulers import add_noise, load_scheduler_config, noise_tables
 from show1_jax.train_settings import (
+    UNET_STAGES,
     DataSettings,
+    LowResSettings,
     ModelSettings,
     OptimSettings,
     SR1Settings,
     TrainSettings,
+    VAESettings,
 )
 
 Array = jax.Array
 Params = dict[str, Array]  # dotted parameter path ('down_blocks.0.resnets.0.conv1.kernel') -> array
 
-STAGE_IN_CHANNELS = {"keyframes": 3, "interpolation": 7, "sr1": 6, "sr2": 4}
+STAGE_IN_CHANNELS = {"keyframes": 3, "interpolation": 7, "first_frame": 6, "sr1": 6, "sr2": 4}
+STAGE_PRESETS = {  # the tiny preset to suggest when a model does not fit its stage
+    "keyframes": "tiny_base",
+    "interpolation": "tiny_interpolation",
+    "first_frame": "tiny_if2",
+    "sr1": "tiny_sr1",
+    "sr2": "tiny_sr2",
+    "vae": "tiny_vae",
+}
 TEMPORAL_PARTS = ("temp_convs", "temp_attentions", "transformer_in")
 DEFAULT_MAX_TIMESTEP = {"sr2": 900}  # "finetuned using diffusion timesteps 0-900" (SPEC.md §9)
 DEFAULT_NUM_FRAMES = {"interpolation": 5}  # SPEC.md §3.4; other stages: the dataset's clips
@@ -301,7 +327,8 @@ def diffusion_loss(
     """The training loss of one batch (see the module docstring).
 
     Args:
-      output: [B, F, H, W, C] or [B, F, H, W, 2C] (prediction, learned-range variance channels).
+      output: [B, F, H, W, C] or [B, F, H, W, 2C] (prediction, learned-range variance channels); the 2D
+        first-frame UNet's arrays are [B, H, W, ...] (every reduction is per example over the other axes).
       x0: [B, F, H, W, C] clean samples; x_t: the noised ones; noise: the ε that made x_t.
       t: [B] int timesteps.
     Returns:
@@ -348,6 +375,31 @@ def temporal_crop(video: Array, num_frames: int, key: Array) -> Array:
     return jax.vmap(lambda v, s: jax.lax.dynamic_slice_in_dim(v, s, num_frames, axis=0))(video, starts)
 
 
+def low_res_condition(
+    images: Array, key: Array, noising_alphas_cumprod: np.ndarray, settings: LowResSettings
+) -> tuple[Array, Array]:
+    """A super-resolution UNet's conditioning from high-res frames, as the pipeline builds it (SPEC.md §3.5).
+
+    Downsampled by ``settings.low_res_factor`` (antialiased), upsampled back with ``stages.resize_bilinear``
+    (align_corners, as ``first_frame_sr`` and ``super_resolve_sr1``), noised at a random level per example.
+
+    Args:
+      images: [B, ..., H, W, 3] high-res frames in [-1, 1] ([B, H, W, 3] or clips [B, F, H, W, 3]); H and W
+        divisible by ``settings.low_res_factor``.
+    Returns:
+      (cond of images' shape, noise_level [B] int32, the UNet's ``class_labels``).
+    """
+    from show1_jax.stages import resize_bilinear
+
+    *lead, hh, ww, c = images.shape
+    factor = settings.low_res_factor
+    low = jax.image.resize(images, (*lead, hh // factor, ww // factor, c), method="linear", antialias=True)
+    up = resize_bilinear(low, (hh, ww))
+    k_level, k_noise = jax.random.split(key)
+    level = jax.random.randint(k_level, (images.shape[0],), settings.noise_level_min, settings.noise_level_max + 1)
+    return add_noise(noising_alphas_cumprod, up, jax.random.normal(k_noise, up.shape, up.dtype), level), level
+
+
 def sr1_condition(
     video: Array, key: Array, noising_alphas_cumprod: np.ndarray, settings: SR1Settings
 ) -> tuple[Array, Array]:
@@ -358,16 +410,9 @@ def sr1_condition(
     Returns:
       (cond [B, F, H, W, 3], noise_level [B] int32): upsampled low-res clip noised at noise_level, frame 0 clean.
     """
-    from show1_jax.stages import resize_bilinear
-
-    b, f, hh, ww, c = video.shape
-    factor = settings.low_res_factor
-    low = jax.image.resize(video, (b, f, hh // factor, ww // factor, c), method="linear", antialias=True)
-    up = resize_bilinear(low, (hh, ww))
-    k_level, k_noise, k_first = jax.random.split(key, 3)
-    level = jax.random.randint(k_level, (b,), settings.noise_level_min, settings.noise_level_max + 1)
-    cond = add_noise(noising_alphas_cumprod, up, jax.random.normal(k_noise, up.shape, up.dtype), level)
-    clean_first = jax.random.bernoulli(k_first, settings.first_frame_cond_prob, (b,))
+    k_cond, k_first = jax.random.split(key)
+    cond, level = low_res_condition(video, k_cond, noising_alphas_cumprod, settings)
+    clean_first = jax.random.bernoulli(k_first, settings.first_frame_cond_prob, (video.shape[0],))
     first = jnp.where(clean_first[:, None, None, None], video[:, 0], cond[:, 0])
     return cond.at[:, 0].set(first), level
 
@@ -384,7 +429,7 @@ class Objective:
     learned_variance_weight: float
     cfg_dropout: float
     temporal_conv_dropout: bool
-    sr1: SR1Settings = SR1Settings()
+    low_res: LowResSettings = SR1Settings()  # first_frame: FirstFrameSettings; sr1: SR1Settings
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -453,6 +498,37 @@ def encode_latents(vae_view: ModelView, vae_params: Params, video: Array, key: A
     return jax.lax.stop_gradient(vae.scale_latents(vae.sample_posterior(mean, logvar, key=key)))
 
 
+def _apply_gradients(
+    state: TrainState,
+    loss_fn: Callable[[Params], tuple[Array, dict[str, Array]]],
+    optimizer: optax.GradientTransformation,
+    learning_rate: optax.Schedule | None,
+    ema_decay: float | None,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer (and EMA) update of ``state.params`` on ``loss_fn(trainable) -> (loss, parts)``."""
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+        decay = jnp.float32(ema_decay)
+        ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+    if learning_rate is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+    return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
+
+
+def _batch_video(batch: dict[str, Array]) -> Array:
+    """The batch's uint8 clips as float32 in [-1, 1]: [B, F, H, W, 3]."""
+    return shd.constrain(batch["video"], ("batch",)).astype(jnp.float32) / 127.5 - 1.0
+
+
+def random_frame(video: Array, key: Array) -> Array:
+    """[B, F, H, W, C] -> [B, H, W, C]: one frame at a random index per clip (the single-frame stages)."""
+    return temporal_crop(video, 1, key)[:, 0]
+
+
 def make_train_step(
     view: ModelView,
     objective: Objective,
@@ -465,7 +541,7 @@ def make_train_step(
     vae_view: ModelView | None = None,
     remat: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
-    """The pure train step ``(state, frozen, batch, null_text, vae_params) -> (state, metrics)``.
+    """The pure train step ``(state, frozen, batch, null_text, vae_params) -> (state, metrics)`` of a UNet stage.
 
     Args of the returned function:
       state: :class:`TrainState`.
@@ -480,8 +556,10 @@ def make_train_step(
 
     def train_step(state: TrainState, frozen: Params, batch: dict[str, Array], null_text: Array, vae_params: Params):
         keys = jax.random.split(jax.random.fold_in(state.rng, state.step), 7)
-        video = shd.constrain(batch["video"], ("batch",)).astype(jnp.float32) / 127.5 - 1.0  # [B, F, H, W, 3]
-        if objective.num_frames is not None:
+        video = _batch_video(batch)  # [B, F, H, W, 3]
+        if stage == "first_frame":
+            video = random_frame(video, keys[0])  # [B, H, W, 3]: IF-II-L is a 2D UNet
+        elif objective.num_frames is not None:
             video = temporal_crop(video, objective.num_frames, keys[0])
         x0 = encode_latents(vae_view, vae_params, video, keys[1]) if stage == "sr2" else video
         b = x0.shape[0]
@@ -497,7 +575,10 @@ def make_train_step(
 
             model_in = jnp.concatenate([x_t, interpolation_cond(x0[:, 0], x0[:, -1], x0.shape[1])], axis=-1)
         elif stage == "sr1":
-            cond, class_labels = sr1_condition(x0, keys[5], noising_alphas_cumprod, objective.sr1)
+            cond, class_labels = sr1_condition(x0, keys[5], noising_alphas_cumprod, objective.low_res)
+            model_in = jnp.concatenate([x_t, cond], axis=-1)
+        elif stage == "first_frame":
+            cond, class_labels = low_res_condition(x0, keys[5], noising_alphas_cumprod, objective.low_res)
             model_in = jnp.concatenate([x_t, cond], axis=-1)
         else:
             model_in = x_t
@@ -516,19 +597,84 @@ def make_train_step(
                 learned_variance_weight=objective.learned_variance_weight,
             )
 
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema
-        if ema is not None:
-            decay = jnp.float32(ema_decay)
-            ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
-        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
-        if learning_rate is not None:
-            metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
-        return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
+        return _apply_gradients(state, loss_fn, optimizer, learning_rate, ema_decay)
 
     return train_step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The autoencoder (stage vae)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def vae_loss(vae: nnx.Module, images: Array, key: Array, settings: VAESettings) -> tuple[Array, dict[str, Array]]:
+    """The autoencoder's training loss of one batch (see the module docstring).
+
+    Args:
+      vae: an ``AutoencoderKL``.
+      images: [B, H, W, 3] in [-1, 1], H and W multiples of the VAE's downsampling factor.
+      key: draws the posterior sample.
+    Returns:
+      (scalar loss, {"rec": mean |x - x̂| (l1) or (x - x̂)² (mse) per pixel value, "kl": KL per image in nats
+      (summed over the latent)}), float32.
+    """
+    mean, logvar = vae.encode(images)  # [B, h, w, 4] each
+    recon = vae.decode(vae.sample_posterior(mean, logvar, key=key)).astype(jnp.float32)  # [B, H, W, 3]
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    diff = recon - images.astype(jnp.float32)
+    rec = jnp.abs(diff) if settings.reconstruction_loss == "l1" else jnp.square(diff)
+    pixel_values = math.prod(images.shape[1:])
+    rec_sum = jnp.sum(rec, axis=(1, 2, 3))  # [B]
+    kl_sum = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))  # [B]
+    loss = jnp.mean(rec_sum + settings.kl_weight * kl_sum) / pixel_values
+    return loss, {"rec": jnp.mean(rec_sum) / pixel_values, "kl": jnp.mean(kl_sum)}
+
+
+def make_vae_train_step(
+    view: ModelView,
+    settings: VAESettings,
+    optimizer: optax.GradientTransformation,
+    *,
+    learning_rate: optax.Schedule | None = None,
+    ema_decay: float | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """The autoencoder's pure train step, with :func:`make_train_step`'s signature (``null_text`` and
+    ``vae_params`` unused; ``batch`` = ``{"video": uint8 [B, F, H, W, 3]}``). Metrics: loss, rec, kl, grad_norm,
+    learning_rate."""
+
+    def train_step(state: TrainState, frozen: Params, batch: dict[str, Array], null_text: Array, vae_params: Params):
+        k_frame, k_sample = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        images = random_frame(_batch_video(batch), k_frame)  # [B, H, W, 3]
+
+        def loss_fn(trainable: Params) -> tuple[Array, dict[str, Array]]:
+            return vae_loss(view.merge({**frozen, **trainable}), images, k_sample, settings)
+
+        return _apply_gradients(state, loss_fn, optimizer, learning_rate, ema_decay)
+
+    return train_step
+
+
+def latent_moments(view: ModelView, params: Params, video: Array, key: Array) -> Array:
+    """[count, Σz, Σz²] (float32 [3]) of posterior samples of every frame of ``video`` [B, F, H, W, 3] in [-1, 1]
+    (frame by frame, so memory stays that of a training batch)."""
+    vae = view.merge(params)
+
+    def frame(carry: Array, xs: tuple[Array, Array]) -> tuple[Array, None]:
+        images, k = xs
+        z = vae.sample_posterior(*vae.encode(images), key=k).astype(jnp.float32)
+        return carry + jnp.stack([jnp.float32(z.size), jnp.sum(z), jnp.sum(jnp.square(z))]), None
+
+    frames = jnp.moveaxis(video, 1, 0)  # [F, B, H, W, 3]
+    keys = jax.random.split(key, frames.shape[0])
+    return jax.lax.scan(frame, jnp.zeros((3,), jnp.float32), (frames, keys))[0]
+
+
+def export_vae(view: ModelView, params: Params, out_dir: Path, scaling_factor: float | None = None) -> Path:
+    """Write the autoencoder in the converted format, its config's ``scaling_factor`` replaced when given."""
+    model = view.merge(params)
+    if scaling_factor is not None:
+        model.config = dataclasses.replace(model.config, scaling_factor=float(scaling_factor))
+    return export_model(model, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -561,10 +707,11 @@ def jit_train_step(
     state_shardings: TrainState,
     frozen_shardings: Mapping[str, NamedSharding],
     vae_shardings: Mapping[str, NamedSharding],
+    batch_keys: Sequence[str] = ("video", "text"),
 ) -> shd.ShardedFunction:
-    """``step_fn`` jitted on ``mesh``: state and frozen parameters in their shardings, the batch split over
-    ``data``/``fsdp`` (logical ``batch``), the empty-prompt embedding replicated, the state donated."""
-    batch_axes = {"video": shd.BATCH, "text": shd.BATCH}
+    """``step_fn`` jitted on ``mesh``: state and frozen parameters in their shardings, the batch (``batch_keys``)
+    split over ``data``/``fsdp`` (logical ``batch``), the empty-prompt embedding replicated, the state donated."""
+    batch_axes = {k: shd.BATCH for k in batch_keys}
     return shd.jit_sharded(
         step_fn,
         mesh,
@@ -717,7 +864,7 @@ class TrainResult:
     """What a finished run produced."""
 
     step: int
-    unet_dir: Path  # the trained UNet in the converted format (``load_component`` reads it)
+    model_dir: Path  # the trained UNet (``<workdir>/unet``) or VAE (``<workdir>/vae``), converted format
     checkpoint_dir: Path
     metrics_path: Path  # one JSON object per logged step
     last_metrics: dict[str, float]
@@ -784,58 +931,90 @@ def prepare_dataset(data: DataSettings, workdir: Path, logger: TrainLogger) -> t
     return path, skipped
 
 
-TINY_PRESETS = ("tiny_base", "tiny_interpolation", "tiny_sr1", "tiny_sr2")
+TINY_PRESETS = ("tiny_base", "tiny_interpolation", "tiny_if2", "tiny_sr1", "tiny_sr2", "tiny_vae")
 
 
 def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_unet(model: ModelSettings, sharding: Callable[..., Any] | None = None) -> nnx.Module:
-    """The UNet to train: loaded from ``model.pretrained`` (into ``sharding``), or randomly initialised."""
+def tiny_preset(name: str) -> tuple[type, Any]:
+    """(model class, config) of a tiny preset of ``show1_jax.tiny`` by its settings name (``TINY_PRESETS``)."""
+    from show1_jax import tiny
+    from show1_jax.unet3d import UNet2DConditionModel, UNet3DConditionModel
+    from show1_jax.vae import AutoencoderKL
+
+    presets = {
+        "tiny_base": (UNet3DConditionModel, tiny.TINY_BASE),
+        "tiny_interpolation": (UNet3DConditionModel, tiny.TINY_INTERP),
+        "tiny_if2": (UNet2DConditionModel, tiny.TINY_IF2),
+        "tiny_sr1": (UNet3DConditionModel, tiny.TINY_SR1),
+        "tiny_sr2": (UNet3DConditionModel, tiny.TINY_SR2),
+        "tiny_vae": (AutoencoderKL, tiny.TINY_VAE),
+    }
+    return presets[name]
+
+
+def _config_json(source: str, stage: str) -> tuple[type, Any]:
+    """(model class, config) from ``model.config`` = a config.json (or its folder); a file that names no class is
+    read as the stage's kind of model."""
+    from show1_jax.configs import read_json
+    from show1_jax.loading import CONVERTED_MARKER, build_config, family_of
+
+    path = Path(source)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.config `{source}` is neither a preset ({', '.join(TINY_PRESETS)}) nor a config.json"
+        )
+    raw = read_json(path)
+    if CONVERTED_MARKER not in raw and "_class_name" not in raw and "architectures" not in raw:
+        raw["_class_name"] = "AutoencoderKL" if stage == "vae" else "UNet3DConditionModel"
+    name, config = build_config(raw, str(path))
+    if name == "UNet3DConditionModel" and not config.temporal:
+        name = "UNet2DConditionModel"
+    return family_of(name)[0], config
+
+
+def build_model(
+    model: ModelSettings, stage: str = "keyframes", sharding: Callable[..., Any] | None = None
+) -> nnx.Module:
+    """The model to train: loaded from ``model.pretrained`` (into ``sharding``), or randomly initialised from
+    ``model.config`` (a preset or a config.json); checked against ``stage`` (:func:`check_stage`)."""
     from show1_jax import tiny
     from show1_jax.loading import load_component
-    from show1_jax.unet3d import UNet3DConditionModel, UNetConfig
 
     dtype = _dtype(model.dtype)
     if model.pretrained is not None:
-        return load_component(model.pretrained, dtype=dtype, sharding=sharding)
-    presets = {
-        "tiny_base": tiny.TINY_BASE,
-        "tiny_interpolation": tiny.TINY_INTERP,
-        "tiny_sr1": tiny.TINY_SR1,
-        "tiny_sr2": tiny.TINY_SR2,
-    }
-    if model.config in presets:
-        config = presets[model.config]
+        built = load_component(model.pretrained, dtype=dtype, sharding=sharding)
+        check_stage(stage, built.config)
+        return built
+    if model.config in TINY_PRESETS:
+        model_cls, config = tiny_preset(model.config)
     else:
-        path = Path(model.config)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"model.config `{model.config}` is neither a preset ({', '.join(TINY_PRESETS)}) nor a config.json"
-            )
-        from show1_jax.configs import read_json
-
-        raw = {k: v for k, v in read_json(path).items() if not k.startswith("_") and k != "show1_jax"}
-        config = UNetConfig.from_dict(raw)
-    return tiny.random_model(UNet3DConditionModel, config, seed=model.seed, dtype=dtype)
+        model_cls, config = _config_json(model.config, stage)
+    check_stage(stage, config)
+    return tiny.random_model(model_cls, config, seed=model.seed, dtype=dtype)
 
 
 def build_vae(model: ModelSettings, sharding: Callable[..., Any] | None = None) -> nnx.Module:
-    """SR2's frozen VAE: ``model.vae`` (a folder or ``tiny``), default the ``vae`` folder beside ``pretrained``."""
+    """SR2's frozen VAE: ``model.vae`` (a folder, e.g. a stage-``vae`` run's ``<workdir>/vae``, or ``tiny``), default
+    the ``vae`` folder beside ``pretrained``."""
     from show1_jax import tiny
     from show1_jax.loading import load_component
-    from show1_jax.vae import AutoencoderKL
+    from show1_jax.vae import AutoencoderKL, VAEConfig
 
     source = model.vae
     if source is None and model.pretrained is not None:
         source = str(Path(model.pretrained).parent / "vae")
     if source is None:
         raise ValueError("stage sr2 encodes clips with a VAE: set model.vae (a vae/ folder, or `tiny` for tests)")
-    if source == "tiny":
+    if source in ("tiny", "tiny_vae"):
         return tiny.random_model(AutoencoderKL, tiny.TINY_VAE, seed=model.vae_seed)
-    return load_component(source, dtype=jnp.float32, sharding=sharding)
+    vae = load_component(source, dtype=jnp.float32, sharding=sharding)
+    if not isinstance(vae.config, VAEConfig):
+        raise ValueError(f"model.vae `{source}` holds a {type(vae).__name__}, not an AutoencoderKL: pass a vae/ folder")
+    return vae
 
 
 def _scheduler_config(explicit: str | None, pretrained: str | None, folder: str, preset: dict) -> Any:
@@ -856,15 +1035,53 @@ def _text_dim(config: Any) -> int:
 
 
 def check_stage(stage: str, config: Any) -> None:
-    """Raise if the UNet ``config`` cannot be trained as ``stage`` (input channels, noise-level embedding)."""
+    """Raise if a model with ``config`` cannot be trained as ``stage``; the message names a model that can.
+
+    UNet stages: a UNet config with the stage's input channels (a 2D UNet for first_frame, 3D otherwise); the
+    super-resolution UNets need a noise-level (class) embedding, and IF-II-L the 6 output channels its learned-range
+    sampler reads. Stage vae: an RGB ``AutoencoderKL``.
+    """
+    from show1_jax.unet3d import UNetConfig
+    from show1_jax.vae import VAEConfig
+
+    fix = f"load a {stage} model (model.pretrained) or use model.config={STAGE_PRESETS[stage]}"
+    if stage == "vae":
+        if not isinstance(config, VAEConfig):
+            raise ValueError(f"stage vae trains an AutoencoderKL, but this model is a {type(config).__name__}: {fix}")
+        if config.in_channels != 3 or config.out_channels != 3:
+            raise ValueError(
+                f"stage vae trains on RGB frames, but this AutoencoderKL has in_channels={config.in_channels},"
+                f" out_channels={config.out_channels}: set both to 3"
+            )
+        return
+    if not isinstance(config, UNetConfig):
+        raise ValueError(
+            f"stage {stage} trains a UNet, but this model is a {type(config).__name__} (train it with stage=vae): {fix}"
+        )
+    if stage == "first_frame" and config.temporal:
+        raise ValueError(
+            "stage first_frame trains IF-II-L's 2D UNet (UNet2DConditionModel, single frames), but this is a 3D"
+            f" UNet with temporal layers: {fix}"
+        )
+    if stage != "first_frame" and not config.temporal:
+        raise ValueError(
+            f"stage {stage} trains a 3D video UNet, but this is a 2D UNet2DConditionModel (IF-II-L: train it with"
+            f" stage=first_frame): {fix}"
+        )
     want = STAGE_IN_CHANNELS[stage]
     if config.in_channels != want:
         raise ValueError(
-            f"stage {stage} feeds the UNet {want} input channels but this UNet takes {config.in_channels}: load the"
-            f" {stage} model (model.pretrained) or use model.config=tiny_{stage.replace('keyframes', 'base')}"
+            f"stage {stage} feeds the UNet {want} input channels but this UNet takes {config.in_channels}: {fix}"
         )
-    if stage == "sr1" and config.class_embed_type is None:
-        raise ValueError("stage sr1 passes the noise level as class_labels, but this UNet has no class embedding")
+    if stage in ("first_frame", "sr1") and config.class_embed_type is None:
+        raise ValueError(
+            f"stage {stage} passes the noise level as class_labels, but this UNet has no class embedding: {fix}"
+        )
+    if stage == "first_frame" and config.out_channels != 6:
+        raise ValueError(
+            f"IF-II-L's sampler (DDPM, learned_range variance) reads 6 output channels (ε + variance), but this UNet"
+            f" has out_channels={config.out_channels}: {fix}"
+        )
 
 
 def _mesh_for(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:
@@ -877,26 +1094,33 @@ def _mesh_for(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:
     return shd.make_mesh(config, devices=devices)
 
 
-def _host_batch(batch: dict[str, Any], captions: CaptionEmbeddings | None) -> dict[str, np.ndarray]:
+def _host_batch(batch: dict[str, Any], captions: CaptionEmbeddings | None, stage: str) -> dict[str, np.ndarray]:
+    if stage == "vae":  # the autoencoder learns no text
+        return {"video": np.asarray(batch["video"])}
     text = batch["embeddings"] if "embeddings" in batch else captions(batch["caption"])
     return {"video": np.asarray(batch["video"]), "text": np.asarray(text, np.float32)}
 
 
 def build_objective(
     settings: TrainSettings, num_frames: int | None
-) -> tuple[Objective, DiffusionTables, Any, np.ndarray | None]:
-    """(objective, noise tables, scheduler config, SR1's noising ᾱ table or None) of a run."""
+) -> tuple[Objective, DiffusionTables, dict[str, Any], np.ndarray | None]:
+    """(objective, noise tables, scheduler configs, the noising ᾱ table of first_frame and sr1, else None) of a UNet
+    stage's run. The scheduler configs are exported beside the UNet: ``{"scheduler": training schedule}`` plus
+    ``image_noising_scheduler`` for the super-resolution stages (the folders the pipeline reads)."""
     stage = settings.stage
     preset = _stage_scheduler_preset(stage)
     sched = _scheduler_config(settings.diffusion.scheduler, settings.model.pretrained, "scheduler", preset)
     tables = DiffusionTables.from_scheduler(sched)
-    noising = None
-    if stage == "sr1":
+    schedulers = {"scheduler": sched}
+    noising, low_res = None, SR1Settings()
+    if stage in ("first_frame", "sr1"):
         from show1_jax.tiny import NOISING_SCHEDULER
 
+        low_res = settings.first_frame if stage == "first_frame" else settings.sr1
         nsched = _scheduler_config(
-            settings.sr1.noising_scheduler, settings.model.pretrained, "image_noising_scheduler", NOISING_SCHEDULER
+            low_res.noising_scheduler, settings.model.pretrained, "image_noising_scheduler", NOISING_SCHEDULER
         )
+        schedulers["image_noising_scheduler"] = nsched
         noising = noise_tables(nsched).alphas_cumprod
     max_t = settings.diffusion.max_timestep
     max_t = DEFAULT_MAX_TIMESTEP.get(stage, tables.num_train_timesteps - 1) if max_t is None else max_t
@@ -911,9 +1135,9 @@ def build_objective(
         learned_variance_weight=settings.diffusion.learned_variance_weight,
         cfg_dropout=settings.diffusion.cfg_dropout,
         temporal_conv_dropout=settings.model.temporal_conv_dropout,
-        sr1=settings.sr1,
+        low_res=low_res,
     )
-    return objective, tables, sched, noising
+    return objective, tables, schedulers, noising
 
 
 def run_training(
@@ -923,16 +1147,18 @@ def run_training(
     progress: Any = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> TrainResult:
-    """Train one stage's UNet as ``settings`` says, resuming from ``<workdir>/checkpoints`` if there are any.
+    """Train one stage's model as ``settings`` says, resuming from ``<workdir>/checkpoints`` if there are any.
 
     Args:
       settings: the run (``configs/train_*.yaml``).
-      logger: receives events (``info``) and metrics every ``log_every`` steps (loss, mse, vlb, grad_norm,
-        learning_rate, step_time_s, samples_per_s); also appended to ``<workdir>/metrics.jsonl``.
+      logger: receives events (``info``) and metrics every ``log_every`` steps (loss, mse, vlb or, for the VAE,
+        rec, kl; grad_norm, learning_rate, step_time_s, samples_per_s); also appended to ``<workdir>/metrics.jsonl``.
       progress: an object with ``update(n)`` (tqdm); ``set_postfix`` is used when present.
       devices: devices for the mesh (default all).
     Returns:
-      a :class:`TrainResult`; the UNet is written to ``<workdir>/unet`` in the converted format.
+      a :class:`TrainResult`. A UNet is written to ``<workdir>/unet`` in the converted format with its scheduler
+      folder(s) beside it (``scheduler``; first_frame and sr1 also ``image_noising_scheduler``), the layout of the
+      released repositories; a VAE to ``<workdir>/vae``.
     """
     from show1_jax.data import VideoTextData
     from show1_jax.settings import to_mapping
@@ -955,11 +1181,13 @@ def run_training(
             f"stage {stage} trains on {num_frames}-frame clips but {data_path} holds {data.frames}-frame clips:"
             f" rebuild it with more frames or set diffusion.num_frames <= {data.frames}"
         )
-    if stage == "sr1" and (data.height % settings.sr1.low_res_factor or data.width % settings.sr1.low_res_factor):
-        raise TrainDataError(
-            f"sr1 clips of {data.height}x{data.width} are not divisible by sr1.low_res_factor="
-            f"{settings.sr1.low_res_factor}: rebuild the dataset at a multiple of it"
-        )
+    if stage in ("first_frame", "sr1"):
+        factor = getattr(settings, stage).low_res_factor
+        if data.height % factor or data.width % factor:
+            raise TrainDataError(
+                f"{stage} clips of {data.height}x{data.width} are not divisible by {stage}.low_res_factor={factor}:"
+                " rebuild the dataset at a multiple of it"
+            )
     batch_size, hosts = settings.data.batch_size, jax.process_count()
     if batch_size % hosts:
         raise ValueError(f"data.batch_size={batch_size} must be divisible by the {hosts} processes")
@@ -968,8 +1196,15 @@ def run_training(
     mesh = _mesh_for(settings.mesh, devices)
     logger.info(f"mesh {dict(mesh.shape)} over {mesh.size} device(s) ({mesh.devices.flat[0].platform})")
     param_sharder = shd.sharding_fn(mesh, threshold=settings.sharding_threshold)
-    model = build_unet(settings.model, param_sharder)
-    check_stage(stage, model.config)
+    model = build_model(settings.model, stage, param_sharder)
+    kind = "VAE" if stage == "vae" else "UNet"
+    if stage == "vae":
+        factor = model.config.downsample_factor
+        if data.height % factor or data.width % factor:
+            raise TrainDataError(
+                f"the VAE downsamples by {factor} but {data_path} holds {data.height}x{data.width} frames: rebuild the"
+                f" dataset at a multiple of {factor} so that decoded frames have the input's size"
+            )
     view, params = ModelView.split(model)
     del model
     trainable, frozen = partition_params(params, settings.optim.trainable)
@@ -978,7 +1213,7 @@ def run_training(
     trainable = {k: jax.device_put(v, shardings[k]) for k, v in trainable.items()}
     n_train = sum(int(np.prod(v.shape)) for v in trainable.values())
     n_all = n_train + sum(int(np.prod(v.shape)) for v in frozen.values())
-    logger.info(f"UNet: {n_all:,} parameters, {n_train:,} trainable ({settings.optim.trainable})")
+    logger.info(f"{kind}: {n_all:,} parameters, {n_train:,} trainable ({settings.optim.trainable})")
     summary = shd.summarize(view.state, mesh, threshold=settings.sharding_threshold)
     logger.info(
         f"parameter bytes: {summary.total_bytes} in total, {summary.per_device_bytes} on the most loaded device"
@@ -987,19 +1222,25 @@ def run_training(
     vae_view, vae_params, vae_shardings = None, {}, {}
     if stage == "sr2":
         vae_view, vae_params = ModelView.split(build_vae(settings.model, param_sharder))
+        if vae_view.config.latent_channels != view.config.in_channels:
+            raise ValueError(
+                f"model.vae has {vae_view.config.latent_channels} latent channels but the sr2 UNet takes"
+                f" {view.config.in_channels}: pair them (tiny_sr2 and tiny_vae both use 4)"
+            )
         vae_shardings = flat_param_shardings(vae_view, mesh, settings.sharding_threshold)
         vae_params = {k: jax.device_put(v, vae_shardings[k]) for k, v in vae_params.items()}
 
-    objective, tables, sched, noising = build_objective(settings, num_frames)
-
-    # Text.
-    captions = _caption_embeddings(settings.data, workdir)
-    null_text = _empty_prompt_embedding(settings.data, data, captions, settings.diffusion.cfg_dropout)
-    if null_text.shape[-1] != _text_dim(view.config):
-        raise ValueError(
-            f"text embeddings have width {null_text.shape[-1]} but this UNet takes {_text_dim(view.config)}: use the"
-            f" stage's text encoder (T5 for the pixel stages, CLIP for sr2)"
-        )
+    # Text (the UNet stages).
+    captions, null_text = None, np.zeros((1, 1), np.float32)
+    if stage in UNET_STAGES:
+        objective, tables, schedulers, noising = build_objective(settings, num_frames)
+        captions = _caption_embeddings(settings.data, workdir)
+        null_text = _empty_prompt_embedding(settings.data, data, captions, settings.diffusion.cfg_dropout)
+        if null_text.shape[-1] != _text_dim(view.config):
+            raise ValueError(
+                f"text embeddings have width {null_text.shape[-1]} but this UNet takes {_text_dim(view.config)}: use"
+                " the stage's text encoder (T5 for the pixel stages, CLIP for sr2)"
+            )
 
     # Optimizer, state, checkpoints.
     optimizer = make_optimizer(settings.optim, settings.steps)
@@ -1030,19 +1271,25 @@ def run_training(
         state, start = init(trainable), 0
     del trainable
 
-    step_fn = make_train_step(
-        view,
-        objective,
-        tables,
-        optimizer,
-        learning_rate=lr_schedule,
-        ema_decay=settings.optim.ema_decay,
-        noising_alphas_cumprod=noising,
-        vae_view=vae_view,
-        remat=settings.model.remat,
-    )
+    if stage == "vae":
+        step_fn = make_vae_train_step(
+            view, settings.vae, optimizer, learning_rate=lr_schedule, ema_decay=settings.optim.ema_decay
+        )
+    else:
+        step_fn = make_train_step(
+            view,
+            objective,
+            tables,
+            optimizer,
+            learning_rate=lr_schedule,
+            ema_decay=settings.optim.ema_decay,
+            noising_alphas_cumprod=noising,
+            vae_view=vae_view,
+            remat=settings.model.remat,
+        )
     frozen_sh = {k: shardings[k] for k in frozen}
-    train_step = jit_train_step(step_fn, mesh, state_sh, frozen_sh, vae_shardings)
+    batch_keys = ("video",) if stage == "vae" else ("video", "text")
+    train_step = jit_train_step(step_fn, mesh, state_sh, frozen_sh, vae_shardings, batch_keys)
     null_text = jax.device_put(jnp.asarray(null_text, jnp.float32), NamedSharding(mesh, PartitionSpec()))
     meta = {"stage": stage, "settings": to_mapping(settings)}
 
@@ -1055,7 +1302,7 @@ def run_training(
     interval_start, interval_steps = time.perf_counter(), 0
     try:
         while step < settings.steps:
-            host = _host_batch(next(iterator), captions)
+            host = _host_batch(next(iterator), captions, stage)
             batch = {k: shd.host_local_to_global(v, mesh, ("batch",)) for k, v in host.items()}
             if step == start:
                 compile_start = time.perf_counter()
@@ -1087,18 +1334,51 @@ def run_training(
     finally:
         checkpointer.close()
 
-    # Export the trained UNet where load_component reads it.
-    final = state.ema if (settings.export_ema and state.ema is not None) else state.params
-    unet_dir = export_unet(view, {**frozen, **final}, workdir / "unet")
-    _write_scheduler(sched, workdir / "scheduler")
-    logger.info(f"wrote the trained UNet to {unet_dir}")
-    return TrainResult(step, unet_dir, checkpointer.directory, metrics_path, last, skipped)
+    # Export the trained model where load_component (and the pipeline) reads it.
+    final = {**frozen, **(state.ema if (settings.export_ema and state.ema is not None) else state.params)}
+    if stage == "vae":
+        scaling = None
+        if settings.vae.fit_scaling_factor:
+            scaling = _fit_scaling_factor(view, final, data, settings, mesh, logger)
+        model_dir = export_vae(view, final, workdir / "vae", scaling)
+    else:
+        model_dir = export_model(view.merge(final), workdir / "unet")
+        for folder, config in schedulers.items():
+            _write_scheduler(config, workdir / folder)
+    logger.info(f"wrote the trained {kind} to {model_dir}")
+    return TrainResult(step, model_dir, checkpointer.directory, metrics_path, last, skipped)
+
+
+def _fit_scaling_factor(
+    view: ModelView, params: Params, data: Any, settings: TrainSettings, mesh: Mesh, logger: TrainLogger
+) -> float:
+    """1 / std of VAE posterior samples of every frame of the first training batch (SD's ``scale_by_std``)."""
+    hosts = jax.process_count()
+    first = next(
+        data.batches(
+            settings.data.batch_size // hosts,
+            seed=settings.data.seed,
+            process_index=jax.process_index(),
+            process_count=hosts,
+        )
+    )
+    video = shd.host_local_to_global(np.asarray(first["video"]), mesh, ("batch",))
+    moments = jax.jit(lambda p, v, k: latent_moments(view, p, v.astype(jnp.float32) / 127.5 - 1.0, k))(
+        params, video, jax.random.fold_in(jax.random.PRNGKey(settings.seed), settings.steps)
+    )
+    count, total, squares = (float(v) for v in jax.device_get(moments))
+    std = math.sqrt(max(squares / count - (total / count) ** 2, 1e-12))
+    logger.info(
+        f"VAE latents of {video.shape[0] * video.shape[1]} training frames: std {std:.4g} -> scaling_factor"
+        f" {1.0 / std:.6g}"
+    )
+    return 1.0 / std
 
 
 def _stage_scheduler_preset(stage: str) -> dict:
-    from show1_jax.tiny import PIXEL_DPM_SCHEDULER, SR2_DPM_SCHEDULER
+    from show1_jax.tiny import IF2_DDPM_SCHEDULER, PIXEL_DPM_SCHEDULER, SR2_DPM_SCHEDULER
 
-    return SR2_DPM_SCHEDULER if stage == "sr2" else PIXEL_DPM_SCHEDULER
+    return {"sr2": SR2_DPM_SCHEDULER, "first_frame": IF2_DDPM_SCHEDULER}.get(stage, PIXEL_DPM_SCHEDULER)
 
 
 def _caption_embeddings(data: DataSettings, workdir: Path) -> CaptionEmbeddings | None:
@@ -1137,13 +1417,13 @@ def _empty_prompt_embedding(
         ) from None
 
 
-def export_unet(view: ModelView, params: Params, out_dir: Path) -> Path:
-    """Write the UNet with ``params`` in the converted format (replacing an earlier export of this run)."""
+def export_model(model: nnx.Module, out_dir: Path) -> Path:
+    """Write ``model`` in the converted format (replacing an earlier export of this run)."""
     from show1_jax.loading import save_converted
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    return save_converted(view.merge(params), out_dir)
+    return save_converted(model, out_dir)
 
 
 def _write_scheduler(config: Any, folder: Path) -> None:
@@ -1196,7 +1476,7 @@ def cmd_train(args: Any) -> int:
     finally:
         if progress is not None:
             progress.close()
-    print(f"trained {settings.stage} to step {result.step}; UNet: {result.unet_dir}; metrics: {result.metrics_path}")
+    print(f"trained {settings.stage} to step {result.step}; model: {result.model_dir}; metrics: {result.metrics_path}")
     return 0
 
 
@@ -1205,7 +1485,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="show1 train", description="train a Show-1 stage's UNet")
+    parser = argparse.ArgumentParser(prog="show1 train", description="train a model of the Show-1 cascade")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     try:

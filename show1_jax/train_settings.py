@@ -8,25 +8,30 @@ released); every value here is a choice of ours unless its comment cites the spe
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-STAGES = ("keyframes", "interpolation", "sr1", "sr2")
+STAGES = ("keyframes", "interpolation", "first_frame", "sr1", "sr2", "vae")
+UNET_STAGES = ("keyframes", "interpolation", "first_frame", "sr1", "sr2")
 TRAINABLE = ("all", "temporal", "temporal_attention")
 LR_SCHEDULES = ("constant", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+RECONSTRUCTION_LOSSES = ("l1", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    """Where the UNet (and SR2's VAE) come from.
+    """Where the trained model (and SR2's frozen VAE) come from.
 
-    ``pretrained``: a UNet component folder, released or converted (``show-1-base/unet``); finetuning starts there.
-    Otherwise ``config`` builds a randomly initialised UNet: a tiny preset (``tiny_base``, ``tiny_interpolation``,
-    ``tiny_sr1``, ``tiny_sr2``: ``show1_jax.tiny``) or the path of a UNet ``config.json``, seeded by ``seed``.
-    ``remat``: recompute each down/mid/up block in the backward pass (activation memory ~ one block instead of the
-    whole UNet, for ~30% more compute). ``temporal_conv_dropout``: the reference's train-mode Dropout(0.1) in every
-    TemporalConvLayer (SPEC.md §1.6), on by default in training as in a torch ``model.train()``.
-    ``vae``: SR2 only, a ``vae/`` folder or ``tiny`` (a random ``TINY_VAE`` seeded by ``vae_seed``); default: the
-    ``vae`` folder next to ``pretrained``.
+    ``pretrained``: a component folder, released or converted (``show-1-base/unet``; stage ``vae``: a ``vae/``
+    folder); finetuning starts there. Otherwise ``config`` builds a randomly initialised model seeded by ``seed``: a
+    tiny preset (``tiny_base``, ``tiny_interpolation``, ``tiny_if2``, ``tiny_sr1``, ``tiny_sr2``, ``tiny_vae``:
+    ``show1_jax.tiny``) or the path of a ``config.json`` (a UNet's; stage ``first_frame``: a 2D
+    ``UNet2DConditionModel``'s; stage ``vae``: an ``AutoencoderKL``'s).
+    ``remat``: recompute each down/mid/up block of a UNet in the backward pass (activation memory ~ one block instead
+    of the whole UNet, for ~30% more compute). ``temporal_conv_dropout``: the reference's train-mode Dropout(0.1) in
+    every TemporalConvLayer (SPEC.md §1.6), on by default in training as in a torch ``model.train()``.
+    ``vae``: SR2 only, its frozen VAE: a ``vae/`` folder (e.g. ``<workdir>/vae`` of a stage-``vae`` run) or ``tiny``
+    (a random ``TINY_VAE`` seeded by ``vae_seed``); default: the ``vae`` folder next to ``pretrained``.
     """
 
     pretrained: str | None = None
@@ -41,8 +46,8 @@ class ModelSettings:
     def __post_init__(self):
         if (self.pretrained is None) == (self.config is None):
             raise ValueError(
-                "set exactly one of model.pretrained (a unet/ folder to finetune) or model.config (a tiny preset such"
-                " as tiny_base, or a UNet config.json to train from scratch)"
+                "set exactly one of model.pretrained (a unet/ or vae/ folder to finetune) or model.config (a tiny"
+                " preset such as tiny_base or tiny_vae, or a config.json, to train from scratch)"
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype `{self.dtype}`: choose float32 (recommended for AdamW) or bfloat16")
@@ -53,7 +58,8 @@ class DiffusionSettings:
     """The denoising objective (see the module docstring of ``show1_jax.train`` for the choices).
 
     ``scheduler``: a ``scheduler_config.json`` (or its folder) giving the training noise schedule; default: the
-    ``scheduler`` folder next to ``model.pretrained``, else the stage's released config (SPEC.md §4.1, §4.6).
+    ``scheduler`` folder next to ``model.pretrained``, else the stage's released config (SPEC.md §4.1; first_frame:
+    IF-II-L's learned-range DDPM, §4.5; sr2: §4.6).
     ``prediction_type``: ``epsilon`` or ``v_prediction``; default: the scheduler's. Timesteps are drawn uniformly
     from [min_timestep, max_timestep] (inclusive; default max: the last training timestep, SR2: 900 as its model card
     says, SPEC.md §9). ``learned_variance_weight``: weight of the learned-variance (VLB) term on 6-channel pixel
@@ -84,29 +90,81 @@ class DiffusionSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class SR1Settings:
-    """How SR1's conditioning is made from a high-resolution training clip (SPEC.md §3.5, §9).
+class LowResSettings:
+    """How a super-resolution UNet's conditioning is made from high-resolution training frames (SPEC.md §3.5, §9).
 
-    The clip is downsampled by ``low_res_factor`` (antialiased bilinear), upsampled back bilinearly with
-    ``align_corners=True`` as at inference, noised by the image-noising scheduler (``noising_scheduler``, default
-    the released cosine DDPM, SPEC.md §4.5) at a level drawn uniformly from [noise_level_min, noise_level_max] that
-    is also the UNet's ``class_labels``; then, with probability ``first_frame_cond_prob``, conditioning frame 0 is
-    replaced by the clean high-resolution frame 0, as the inference pipeline does with ``first_frame_cond``.
+    The frames are downsampled by ``low_res_factor`` (antialiased bilinear), upsampled back bilinearly with
+    ``align_corners=True`` as at inference, and noised by the image-noising scheduler (``noising_scheduler``, default
+    the ``image_noising_scheduler`` folder beside ``model.pretrained``, else the released cosine DDPM, SPEC.md §4.5)
+    at a level drawn uniformly from [noise_level_min, noise_level_max] that is also the UNet's ``class_labels``.
+    Shared by the stages ``first_frame`` (IF-II-L, one frame) and ``sr1`` (clips; :class:`SR1Settings`).
     """
 
+    section: ClassVar[str] = "low_res"
     low_res_factor: int = 4
     noise_level_min: int = 0
     noise_level_max: int = 999
-    first_frame_cond_prob: float = 1.0
     noising_scheduler: str | None = None
 
     def __post_init__(self):
         if self.low_res_factor < 1:
-            raise ValueError("sr1.low_res_factor must be >= 1 (4 for 40x64 -> 160x256)")
+            raise ValueError(f"{self.section}.low_res_factor must be >= 1 (4 for 40x64 -> 160x256)")
         if not 0 <= self.noise_level_min <= self.noise_level_max:
-            raise ValueError(f"sr1 noise-level range [{self.noise_level_min}, {self.noise_level_max}] is empty")
+            raise ValueError(
+                f"{self.section} noise-level range [{self.noise_level_min}, {self.noise_level_max}] is empty"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstFrameSettings(LowResSettings):
+    """IF-II-L's conditioning (stage ``first_frame``): one random frame of each clip as the high-res target, its
+    downsampled, upsampled and noised copy as the condition (:class:`LowResSettings`), as ``stages.first_frame_sr``
+    builds it at inference from the interpolated 40x64 frame 0 (SPEC.md §3.5 3a)."""
+
+    section: ClassVar[str] = "first_frame"
+
+
+@dataclasses.dataclass(frozen=True)
+class SR1Settings(LowResSettings):
+    """SR1's conditioning (:class:`LowResSettings` on whole clips, SPEC.md §3.5 3b); then, with probability
+    ``first_frame_cond_prob``, conditioning frame 0 is replaced by the clean high-resolution frame 0, as the
+    inference pipeline does with ``first_frame_cond``.
+    """
+
+    section: ClassVar[str] = "sr1"
+    first_frame_cond_prob: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.first_frame_cond_prob <= 1.0:
             raise ValueError("sr1.first_frame_cond_prob is a probability")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAESettings:
+    """The autoencoder objective (stage ``vae``; see ``show1_jax.train``'s module docstring).
+
+    Each step encodes one random frame of each clip, decodes a posterior sample and minimises
+    ``reconstruction + kl_weight * KL`` per image, both summed over the image (SD's LPIPSWithDiscriminator
+    weighting, so ``kl_weight`` = 1e-6 means what it meant for SD's KL-f8) and then divided by the number of pixel
+    values. ``reconstruction_loss``: ``l1`` (SD's choice; sharper than ``mse`` without a perceptual term) or ``mse``.
+    No perceptual (LPIPS) or adversarial term: reconstructions are blurrier than SD's VAE.
+    ``fit_scaling_factor``: at export, set the config's ``scaling_factor`` to 1 / std of posterior samples of every
+    frame of the first training batch (as SD did), so SR2 sees unit-variance latents; false keeps the config's
+    (finetuning a VAE that a latent UNet was trained with).
+    """
+
+    kl_weight: float = 1e-6
+    reconstruction_loss: str = "l1"
+    fit_scaling_factor: bool = True
+
+    def __post_init__(self):
+        if self.kl_weight < 0:
+            raise ValueError(f"vae.kl_weight must be >= 0 (SD: 1e-6), got {self.kl_weight}")
+        if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(
+                f"vae.reconstruction_loss `{self.reconstruction_loss}`: choose one of {RECONSTRUCTION_LOSSES}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +260,8 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """One training run of one stage's UNet.
+    """One training run of one model of the cascade: a stage's UNet (``keyframes``, ``interpolation``,
+    ``first_frame`` = IF-II-L, ``sr1``, ``sr2``) or SR2's autoencoder (``vae``).
 
     ``mesh``: ``data=..,fsdp=..,tensor=..`` sizes (``show1_jax.sharding.MeshConfig``; -1 = the remaining devices);
     parameters above ``sharding_threshold`` elements are split by the rules of ``show1_jax.sharding``.
@@ -219,7 +278,9 @@ class TrainSettings:
     export_ema: bool = True
     model: ModelSettings = ModelSettings(config="tiny_base")
     diffusion: DiffusionSettings = DiffusionSettings()
+    first_frame: FirstFrameSettings = FirstFrameSettings()
     sr1: SR1Settings = SR1Settings()
+    vae: VAESettings = VAESettings()
     data: DataSettings = DataSettings(path="data")
     optim: OptimSettings = OptimSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
@@ -231,3 +292,13 @@ class TrainSettings:
             raise ValueError("steps must be >= 1")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if self.stage in ("first_frame", "vae") and self.diffusion.num_frames is not None:
+            raise ValueError(
+                f"stage {self.stage} trains on single frames (one random frame of each clip): set"
+                " diffusion.num_frames=null"
+            )
+        if self.stage == "vae" and self.model.vae is not None:
+            raise ValueError(
+                "model.vae is SR2's frozen VAE; to train a VAE (stage vae) set model.pretrained (a vae/ folder) or"
+                " model.config (tiny_vae or an AutoencoderKL config.json) and leave model.vae null"
+            )

@@ -1,10 +1,12 @@
 """The trainer: objectives, trainable selection, rematerialisation, checkpoints (resume after SIGKILL, other mesh),
-sharded-vs-single-device training and bad-video reporting.
+sharded-vs-single-device training, bad-video reporting, and the single-frame models (IF-II-L's first-frame UNet,
+SR2's VAE) trained from scratch and exported where the pipeline loads them.
 
 Most tests train a "micro" pixel UNet (one IF-style block at 32 channels, the keyframe layout) for a few steps on
 synthetic clips of 4 frames at 16x24, batch 2, with identical settings, so that they share one compiled train step
 through a per-session persistent compilation cache (subprocesses included). The loss-curve acceptance run on the
-tiny keyframe model is ``bench/train_loss_curve.py``.
+tiny keyframe model is ``bench/train_loss_curve.py``. The first-frame and VAE tests use their own micro models
+(``MICRO_IF2``, ``MICRO_VAE``: one or two blocks) so that each compiles its step in ~10-20 s.
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ from show1_jax.data.synthetic import read_metadata
 from show1_jax.loading import flat_params, load_component
 from show1_jax.schedulers import load_scheduler_config
 from show1_jax.settings import load_settings, to_mapping
-from show1_jax.tiny import NOISING_SCHEDULER, PIXEL_DPM_SCHEDULER, TINY_BASE, random_model
+from show1_jax.tiny import NOISING_SCHEDULER, PIXEL_DPM_SCHEDULER, TINY_BASE, TINY_IF2, TINY_VAE, random_model
 from show1_jax.train import (
     DiffusionTables,
     ModelView,
     TrainCheckpointer,
     TrainDataError,
     abstract_with_shardings,
+    build_model,
+    build_vae,
     diffusion_loss,
     init_train_state,
     is_trainable,
+    low_res_condition,
     make_optimizer,
     run_training,
     sr1_condition,
@@ -49,8 +54,9 @@ from show1_jax.train import (
     train_state_shardings,
     unet_apply,
 )
-from show1_jax.train_settings import OptimSettings, SR1Settings, TrainSettings
-from show1_jax.unet3d import UNet3DConditionModel
+from show1_jax.train_settings import FirstFrameSettings, ModelSettings, OptimSettings, SR1Settings, TrainSettings
+from show1_jax.unet3d import UNet2DConditionModel, UNet3DConditionModel
+from show1_jax.vae import AutoencoderKL
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = dataclasses.replace(
@@ -60,6 +66,22 @@ MICRO = dataclasses.replace(
     block_out_channels=(32,),
 )
 TEXT_LEN, TEXT_DIM = 8, MICRO.encoder_hid_dim
+# IF-II-L's layout (2D, class embedding, 6 in/out channels) with one resnet block and the cross-attention mid block.
+MICRO_IF2 = dataclasses.replace(
+    TINY_IF2,
+    down_block_types=("ResnetDownsampleBlock2D",),
+    up_block_types=("ResnetUpsampleBlock2D",),
+    block_out_channels=(32,),
+)
+# Two blocks (downsampling factor 2) without mid-block attention: the VAE trainer's paths at the least compile time.
+MICRO_VAE = dataclasses.replace(
+    TINY_VAE,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(16, 32),
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +115,22 @@ def workspace(tmp_path_factory):
     save_caption_embeddings(root / "embeddings.npz", table)
     config = {"_class_name": "UNet3DConditionModel", **config_to_dict(MICRO)}
     (root / "micro.json").write_text(json.dumps(config))
+    (root / "micro_if2.json").write_text(
+        json.dumps({"_class_name": "UNet2DConditionModel", **config_to_dict(MICRO_IF2)})
+    )
+    (root / "micro_vae.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config_to_dict(MICRO_VAE)}))
     return root
+
+
+DATA_OVERRIDES = (  # the workspace's clips, as micro_settings builds them
+    "data.path=null",
+    "data.frames=4",
+    "data.height=16",
+    "data.width=24",
+    "data.fps=null",
+    "data.text_encoder=null",
+    "data.batch_size=2",
+)
 
 
 def micro_settings(workspace: Path, workdir: Path, *overrides: str) -> TrainSettings:
@@ -177,6 +214,14 @@ def test_stage_conditioning_sr1_and_temporal_crop():
     from show1_jax.schedulers import noise_tables
 
     abar = noise_tables(alphas).alphas_cumprod
+    # IF-II-L's conditioning (one frame per example) is SR1's without the clean first frame: the same helper.
+    frames = video[:, 2]
+    cond, level = low_res_condition(frames, jax.random.key(0), abar, FirstFrameSettings(noise_level_max=0))
+    assert cond.shape == frames.shape and level.tolist() == [0, 0]
+    from show1_jax.stages import resize_bilinear
+
+    low = jax.image.resize(frames, (2, 2, 3, 3), method="linear", antialias=True)
+    np.testing.assert_allclose(cond, resize_bilinear(low, (8, 12)), atol=0.05)  # level 0: abar = 0.99996
     cond, level = sr1_condition(video, jax.random.key(0), abar, SR1Settings(low_res_factor=4, noise_level_max=0))
     assert cond.shape == video.shape and level.tolist() == [0, 0]
     np.testing.assert_array_equal(cond[:, 0], video[:, 0])  # the clean high-res first frame
@@ -292,7 +337,7 @@ def test_temporal_attention_finetuning_touches_nothing_else(workspace, tmp_path)
     settings = micro_settings(workspace, tmp_path / "motion", "optim.trainable=temporal_attention", "steps=2")
     result = run_training(settings)
     before = flat_params(random_model(UNet3DConditionModel, MICRO, seed=0))
-    after = flat_params(load_component(result.unet_dir))
+    after = flat_params(load_component(result.model_dir))
     trained = [k for k in before if is_trainable(k, "temporal_attention")]
     assert trained and all("temp_attentions" in k for k in trained)
     for key, value in before.items():
@@ -378,7 +423,7 @@ def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, compile_
     resumed = run_training(killed)
     assert resumed.step == 6
     assert losses(resumed)[-1] == losses(reference)[-1]
-    a, b = flat_params(load_component(reference.unet_dir)), flat_params(load_component(resumed.unet_dir))
+    a, b = flat_params(load_component(reference.model_dir)), flat_params(load_component(resumed.model_dir))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(np.asarray(b[key]), np.asarray(a[key]), err_msg=key)
@@ -405,3 +450,199 @@ def test_eight_devices_with_data_and_fsdp_match_one_device(workspace, tmp_path):
     resumed = run_training(micro_settings(workspace, tmp_path / "moved", "steps=3", *sharded), logger=events)
     assert any(m.startswith("resumed from step 2") for m in events.messages)
     np.testing.assert_allclose(losses(resumed), losses(single)[2:], rtol=2e-5)
+
+
+# --- the single-frame models: IF-II-L's first-frame UNet and SR2's VAE ---------------------------------------------
+
+
+def test_first_frame_stage_trains_if2_and_exports_the_folders_the_pipeline_samples_from(workspace, tmp_path):
+    """IF-II-L from scratch (configs/train_first_frame.yaml, a micro 2D UNet), 3 steps; the exported unet/,
+    scheduler/ and image_noising_scheduler/ are then loaded and sampled exactly as the pipeline's sr1 stage does."""
+    from show1_jax import stages
+    from show1_jax.generate_settings import Weights
+    from show1_jax.pipeline import Show1Pipeline
+
+    settings = load_settings(
+        TrainSettings,
+        REPO / "configs" / "train_first_frame.yaml",
+        [
+            f"workdir={tmp_path / 'ff'}",
+            "steps=3",
+            "log_every=1",
+            "mesh=data=1,fsdp=1",
+            "model.pretrained=null",
+            f"model.config={workspace / 'micro_if2.json'}",
+            "model.remat=false",
+            f"data.source={workspace / 'clips'}",
+            f"data.build_dir={workspace / 'built'}",
+            f"data.embeddings={workspace / 'embeddings.npz'}",
+            *DATA_OVERRIDES,
+            "optim.learning_rate=0.001",
+            "optim.warmup_steps=0",
+            "optim.ema_decay=null",
+            "checkpoint.every=100",
+        ],
+    )
+    result = run_training(settings)
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite([r["loss"], r["mse"], r["vlb"]]).all() for r in rows)
+    repo = result.model_dir.parent  # the IF-II-L repository layout
+    assert result.model_dir == repo / "unet"
+    assert {"unet", "scheduler", "image_noising_scheduler"} <= {p.name for p in repo.iterdir()}
+    unet = load_component(result.model_dir)
+    assert isinstance(unet, UNet2DConditionModel) and unet.config == MICRO_IF2
+    assert load_scheduler_config(repo / "scheduler").variance_type == "learned_range"
+    # What Show1Pipeline.run_stage("sr1") does for the first frame, on a 4x6 frame (the 16x24 training size / 4).
+    pipe = Show1Pipeline(Weights(first_frame=str(repo)), dtype=jnp.float32)
+    graphdef, params = pipe.model("first_frame")
+    text = jnp.asarray(np.random.default_rng(0).normal(size=(2, TEXT_LEN, TEXT_DIM)), jnp.float32)  # [neg; pos]
+    low = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, 4, 6, 3)), jnp.float32)
+    first = stages.first_frame_sr(
+        stages.unet_denoiser(graphdef),
+        params,
+        pipe.scheduler("first_frame", 2),
+        pipe.noising_table("first_frame"),
+        text,
+        low,
+        height=16,
+        width=24,
+        guidance_scale=4.0,
+        noise_level=150,
+        key=jax.random.key(0),
+    )
+    assert first.shape == (1, 16, 24, 3) and bool(jnp.isfinite(first).all())
+
+
+def test_vae_stage_learns_fits_its_scaling_factor_and_feeds_sr2(workspace, tmp_path, capsys):
+    """``show1 train configs/train_vae.yaml`` on a micro VAE: 30 steps at lr 2e-3 cut the L1 reconstruction error
+    (measured: mean of the last 5 steps 0.106, 0.13x the first 5); the exported vae/ loads, reconstructs better than
+    its seeded initialisation, carries scaling_factor = 1 / std of its latents, and is the VAE SR2's trainer uses."""
+    from flax import nnx
+
+    from show1_jax.train import ModelView, encode_latents, main
+
+    workdir = tmp_path / "vae"
+    overrides = [
+        f"workdir={workdir}",
+        "steps=30",
+        "log_every=1",
+        "mesh=data=1,fsdp=1",
+        f"model.config={workspace / 'micro_vae.json'}",
+        f"data.source={workspace / 'clips'}",
+        f"data.build_dir={workspace / 'built'}",
+        *DATA_OVERRIDES,
+        "optim.learning_rate=0.002",
+        "optim.warmup_steps=0",
+        "optim.schedule=constant",
+        "checkpoint.every=100",
+    ]
+    assert main([str(REPO / "configs" / "train_vae.yaml"), *overrides]) == 0
+    out = capsys.readouterr()
+    assert "step 30: " in out.out and "rec=" in out.out and "kl=" in out.out and "scaling_factor" in out.out
+    assert "30/30" in out.err  # the progress bar
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rec = np.array([r["rec"] for r in rows])
+    assert len(rows) == 30 and np.isfinite([[r["loss"], r["rec"], r["kl"]] for r in rows]).all()
+    assert rec[-5:].mean() < 0.5 * rec[:5].mean(), rec
+
+    vae = load_component(workdir / "vae")
+    assert isinstance(vae, AutoencoderKL)
+    scaling = vae.config.scaling_factor
+    assert vae.config == dataclasses.replace(MICRO_VAE, scaling_factor=scaling) and scaling != MICRO_VAE.scaling_factor
+    # The first training batch (every frame), as the export saw it: the scaled latents have unit variance.
+    from show1_jax.data import VideoTextData
+
+    data = VideoTextData(workspace / "built")
+    video = jnp.asarray(next(data.batches(2, seed=0))["video"], jnp.float32) / 127.5 - 1.0  # [2, 4, 16, 24, 3]
+    frames = video.reshape(-1, 16, 24, 3)
+    graphdef, trained = nnx.split(vae)
+    _, initial = nnx.split(random_model(AutoencoderKL, MICRO_VAE, seed=0))
+
+    @jax.jit
+    def stats(params):
+        model = nnx.merge(graphdef, params)
+        mean, logvar = model.encode(frames)
+        recon = model.decode(mean)  # [8, 16, 24, 3]
+        second = jnp.mean(jnp.square(mean) + jnp.exp(logvar))  # E[z^2] of a posterior sample
+        return jnp.mean(jnp.abs(recon - frames)), jnp.sqrt(second - jnp.square(jnp.mean(mean)))
+
+    (err, std), (err0, _) = stats(trained), stats(initial)
+    assert float(err) < 0.5 * float(err0), (float(err), float(err0))
+    np.testing.assert_allclose(1.0 / scaling, float(std), rtol=0.05)
+    # SR2 takes the folder as model.vae: build_vae loads it, and its training latents are ~unit variance.
+    sr2_vae = build_vae(ModelSettings(config="tiny_sr2", vae=str(workdir / "vae")))
+    view, params = ModelView.split(sr2_vae)
+    latents = encode_latents(view, params, video, jax.random.key(0))
+    assert latents.shape == (2, 4, 8, 12, 4)
+    assert 0.8 < float(jnp.std(latents)) < 1.25
+
+
+def test_single_frame_stages_refuse_models_and_settings_that_do_not_fit(workspace, tmp_path):
+    from show1_jax.settings import SettingsError
+
+    def json_config(name: str, class_name: str, config) -> str:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"_class_name": class_name, **config_to_dict(config)}))
+        return str(path)
+
+    wrong = [
+        ("first_frame", "tiny_sr1", r"2D UNet .*3D UNet with temporal layers.*model.config=tiny_if2"),
+        ("first_frame", str(workspace / "micro.json"), r"first_frame trains IF-II-L's 2D UNet"),
+        ("sr1", "tiny_if2", r"2D UNet2DConditionModel.*stage=first_frame"),
+        ("vae", "tiny_base", r"stage vae trains an AutoencoderKL.*model.config=tiny_vae"),
+        ("sr2", "tiny_vae", r"stage sr2 trains a UNet.*stage=vae"),
+        ("vae", json_config("vae4", "AutoencoderKL", dataclasses.replace(MICRO_VAE, in_channels=4)), r"RGB.*=4"),
+        (
+            "first_frame",
+            json_config("if2_out3", "UNet2DConditionModel", dataclasses.replace(MICRO_IF2, out_channels=3)),
+            r"6 output channels.*out_channels=3",
+        ),
+        (
+            "first_frame",
+            json_config("if2_in4", "UNet2DConditionModel", dataclasses.replace(MICRO_IF2, in_channels=4)),
+            r"6 input channels but this UNet takes 4",
+        ),
+    ]
+    for stage, config, match in wrong:
+        with pytest.raises(ValueError, match=match):
+            build_model(ModelSettings(config=config), stage)
+    assert isinstance(build_model(ModelSettings(config="tiny_if2"), "first_frame"), UNet2DConditionModel)
+    assert isinstance(build_model(ModelSettings(config="tiny_vae"), "vae"), AutoencoderKL)
+
+    bad_settings = [
+        (["stage=vae", "vae.kl_weight=-1.0"], r"vae.kl_weight must be >= 0"),
+        (["stage=vae", "vae.reconstruction_loss=l2"], r"choose one of \('l1', 'mse'\)"),
+        (["stage=vae", "model.vae=tiny"], r"model.vae is SR2's frozen VAE"),
+        (["stage=first_frame", "first_frame.low_res_factor=0"], r"first_frame.low_res_factor must be >= 1"),
+        (["stage=first_frame", "diffusion.num_frames=4"], r"single frames.*diffusion.num_frames=null"),
+    ]
+    for overrides, match in bad_settings:
+        with pytest.raises(SettingsError, match=match):
+            load_settings(TrainSettings, None, overrides)
+    # Frames the model cannot take stop the run before anything compiles, naming the fix.
+    with pytest.raises(TrainDataError, match=r"16x24 are not divisible by first_frame.low_res_factor=5"):
+        run_training(
+            micro_settings(
+                workspace,
+                tmp_path / "ff5",
+                "stage=first_frame",
+                "model.config=tiny_if2",
+                "first_frame.low_res_factor=5",
+            )
+        )
+    blocks = 5  # downsampling factor 16
+    vae16 = dataclasses.replace(
+        MICRO_VAE,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(16,) * blocks,
+    )
+    with pytest.raises(TrainDataError, match=r"downsamples by 16 but .* 16x24 frames"):
+        run_training(
+            micro_settings(
+                workspace,
+                tmp_path / "vae16",
+                "stage=vae",
+                f"model.config={json_config('vae16', 'AutoencoderKL', vae16)}",
+            )
+        )
