@@ -82,6 +82,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         overrides = [f"weights.{k}={root / v}" for k, v in {
             "base": "show-1-base", "interpolation": "show-1-interpolation", "sr1": "show-1-sr1",
             "first_frame": "IF-II-L", "sr2": "show-1-sr2"}.items()] + overrides  # fmt: skip
+    explicit_weights = any(getattr(args, r) for r in ("base", "interpolation", "sr1", "first_frame", "sr2")) or any(
+        o.startswith("weights.") for o in overrides
+    )
+    if not (args.random_tiny_weights or args.resume or config or explicit_weights):
+        from show1_jax import demo
+
+        if demo.DEFAULT_WEIGHTS.is_dir():  # the shipped Show-1 Shapes model (show1_jax/demo.py)
+            print(f"using the shipped Show-1 Shapes model ({demo.DEFAULT_WEIGHTS}); --config or weights for others")
+            config = str(demo.GENERATE_CONFIG)
+            overrides = demo.weight_overrides(demo.DEFAULT_WEIGHTS) + overrides
     if args.resume and not args.random_tiny_weights and config is None:
         from show1_jax.settings import apply_overrides, from_mapping
 
@@ -108,6 +118,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes_train(args: argparse.Namespace) -> int:
+    from show1_jax import demo
+
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else list(demo.STAGES)
+    out = Path(args.output) if args.output else demo.DEFAULT_WEIGHTS
+    written = demo.train_recipe(
+        args.workdir, out, stages=stages, steps_scale=args.steps_scale, overrides=args.overrides,
+        num_clips=args.clips or demo.NUM_CLIPS,
+    )  # fmt: skip
+    print(f"wrote Show-1 Shapes to {written}")
+    return 0
+
+
+def cmd_shapes_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from show1_jax import demo
+
+    weights = Path(args.weights) if args.weights else demo.DEFAULT_WEIGHTS
+    if not (weights / "show1_shapes.json").is_file():
+        raise FileNotFoundError(f"{weights} is not a Show-1 Shapes folder: train one with `show1 shapes train`")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    combos = list(getattr(demo.split(), args.split))
+    reports = {"model": demo.evaluate(weights, combos, seeds=seeds, overrides=args.overrides)}
+    if not args.no_floor:
+        with tempfile.TemporaryDirectory() as tmp:
+            floor = demo.random_cascade(Path(tmp) / "untrained")
+            reports["untrained (floor)"] = demo.evaluate(floor, combos, seeds=seeds, overrides=args.overrides)
+    frames, height, width = 29, *demo.stage_size(args.overrides)
+    reports["real clips (ceiling)"] = demo.ceiling(combos, n_per_combo=len(seeds), size=(height, width))
+    print(f"{len(combos)} {args.split.replace('_', '-')} prompts x {len(seeds)} seeds, {frames} frames at "
+          f"{height}x{width}")  # fmt: skip
+    print(f"{'':>22} {'colour':>7} {'shape':>7} {'direction':>9} {'overall':>8}")
+    for name, r in reports.items():
+        print(f"{name:>22} {r['colour']:7.1%} {r['shape']:7.1%} {r['direction']:9.1%} {r['overall']:8.1%}")
+    if args.report:
+        Path(args.report).write_text(json.dumps(reports, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="show1", description="Show-1 text-to-video in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("items", nargs="*", metavar="PROMPT or key=value", help="prompt(s), then key=value overrides")
     p.add_argument("--output", required=True, help="output folder (new, or an earlier run's with --resume)")
-    p.add_argument("--config", default=None, help="settings YAML (default: configs/show1.yaml)")
+    p.add_argument("--config", default=None,
+                   help="settings YAML (default: the shipped Show-1 Shapes model with configs/shapes/generate.yaml "
+                   "when no weights are given, else configs/show1.yaml)")  # fmt: skip
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None, help='negative prompt of the pixel stages (default "")')
     p.add_argument("--seed", type=int, default=None, help="random seed (default 345, as the reference)")
@@ -154,6 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or finetune a stage's UNet or SR2's VAE (configs/train_*.yaml)")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("shapes", help="Show-1 Shapes, the small default model: train it from scratch or evaluate it")
+    shapes = p.add_subparsers(dest="shapes_command", required=True)
+    q = shapes.add_parser("train", help="run the recipe configs/shapes/train_*.yaml and write the shipped layout")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every stage's settings")
+    q.add_argument("--workdir", default="runs/shapes", help="clips, datasets, checkpoints (resumable)")
+    q.add_argument("--output", default=None, help="where the five repositories go (default: the shipped folder)")
+    q.add_argument(
+        "--stages", default=None, help="comma-separated subset of vae,keyframes,interpolation,first_frame,sr1,sr2"
+    )
+    q.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
+    q.add_argument("--clips", type=int, default=None, help="training clips to render (default 1536)")
+    q.set_defaults(func=cmd_shapes_train)
+    q = shapes.add_parser("eval", help="alignment accuracy on held-out prompts, with the metric's floor and ceiling")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="generate settings overrides")
+    q.add_argument("--weights", default=None, help="a Show-1 Shapes folder (default: the shipped one)")
+    q.add_argument("--seeds", default="0,1", help="comma-separated seeds; one video per held-out prompt and seed")
+    q.add_argument("--split", choices=["held_out", "train"], default="held_out", help="which prompts to generate")
+    q.add_argument("--no-floor", action="store_true", help="skip the untrained cascade (the floor)")
+    q.add_argument("--report", default=None, help="also write the reports as JSON here")
+    q.set_defaults(func=cmd_shapes_eval)
 
     p = sub.add_parser("convert", help="convert released PyTorch folders into show1-jax's format")
     p.add_argument("src", help="a component folder (show-1-base/unet) or a pipeline folder (show-1-base)")

@@ -1,0 +1,282 @@
+"""Show-1 Shapes: a small four-stage cascade trained here on the synthetic shapes dataset (the default model).
+
+Every model has the released architecture at the toy widths of :mod:`show1_jax.tiny` and is trained from scratch by
+``show1 train`` (:func:`show1_jax.train.run_training`) on clips of :data:`DATASET` drawn from the *training* triples
+of :func:`show1_jax.data.split_combinations`; the held-out triples (colour, shape and direction never seen together)
+are kept for :func:`evaluate`. Sizes, chosen so that every stage trains on 2 CPU cores and the shapes stay readable
+at the keyframe size (the alignment metric needs a radius of about 4 pixels, i.e. 20x32):
+
+    T5 (tiny, random, fixed) -> 8 keyframes at 20x32 -> 29 frames -> SR1 (x2) 40x64 -> SR2 (latent, x2) 80x128
+
+The text encoders are not trained: a fixed random tiny T5 (and CLIP for SR2) with a tokenizer trained on the
+dataset's captions gives every word its own embedding, which the UNets learn to read. The recipe is
+``configs/shapes/train_<stage>.yaml`` (one file per model); :func:`train_recipe` (``show1 shapes train``) runs it
+from an empty folder and :func:`assemble` writes the five repositories in the released layout and the converted
+format (float16), which :class:`show1_jax.pipeline.Show1Pipeline` loads exactly like converted released weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from show1_jax.data.synthetic import (
+    Combination,
+    SyntheticConfig,
+    attribute_combinations,
+    caption_for,
+    generate_dataset,
+    split_combinations,
+)
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHAPES_CONFIGS = REPO_CONFIGS / "shapes"
+GENERATE_CONFIG = SHAPES_CONFIGS / "generate.yaml"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "show1-shapes"
+
+DATASET = SyntheticConfig(
+    height=80,
+    width=128,
+    num_frames=32,
+    fps=8.0,
+    speed=2,
+    colours=("red", "green", "blue", "yellow", "white", "purple"),
+    shapes=("circle", "square", "triangle", "cross"),
+)
+HELD_OUT_FRACTION = 0.2
+SPLIT_SEED = 0
+NUM_CLIPS = 1536
+
+# Training order (SR2 needs the trained VAE) and where each model goes in the released layout.
+STAGES = ("vae", "keyframes", "interpolation", "first_frame", "sr1", "sr2")
+REPOS = {
+    "keyframes": ("show-1-base", "unet"),
+    "interpolation": ("show-1-interpolation", "unet"),
+    "first_frame": ("IF-II-L", "unet"),
+    "sr1": ("show-1-sr1", "unet"),
+    "sr2": ("show-1-sr2", "unet"),
+    "vae": ("show-1-sr2", "vae"),
+}
+WEIGHT_KEYS = {"base": "show-1-base", "interpolation": "show-1-interpolation", "sr1": "show-1-sr1",
+               "first_frame": "IF-II-L", "sr2": "show-1-sr2"}  # fmt: skip
+SCHEDULER_FOLDERS = ("scheduler", "image_noising_scheduler")
+
+
+def split(config: SyntheticConfig = DATASET):
+    """The demo's training / held-out triples (deterministic)."""
+    return split_combinations(config, held_out_fraction=HELD_OUT_FRACTION, seed=SPLIT_SEED)
+
+
+def all_captions(config: SyntheticConfig = DATASET) -> list[str]:
+    """Every caption of the vocabulary (the tokenizers are trained on these; held-out words all occur in training)."""
+    return [caption_for(c, config.caption_template) for c in attribute_combinations(config)]
+
+
+def write_text_encoders(root: str | Path, *, seed: int = 0, config: SyntheticConfig = DATASET) -> dict[str, Path]:
+    """The fixed random tiny T5 and CLIP with tokenizers for the captions, in the released layout under ``root``.
+
+    Returns {"t5": show-1-base/text_encoder, "clip": show-1-sr2/text_encoder}.
+    """
+    from show1_jax.clip import CLIPTextModel
+    from show1_jax.loading import save_converted
+    from show1_jax.t5 import T5EncoderModel
+    from show1_jax.tiny import (
+        TINY_CLIP,
+        TINY_T5,
+        TOKENIZER_SENTENCES,
+        random_model,
+        write_clip_tokenizer,
+        write_t5_tokenizer,
+    )
+
+    root = Path(root)
+    sentences = all_captions(config) + TOKENIZER_SENTENCES  # a few other sentences: enough pieces for 64 ids
+    base, sr2 = root / "show-1-base", root / "show-1-sr2"
+    if not (base / "text_encoder" / "config.json").is_file():
+        save_converted(random_model(T5EncoderModel, TINY_T5, seed=seed * 100 + 2), base / "text_encoder")
+    if not (base / "tokenizer").is_dir():
+        write_t5_tokenizer(base / "tokenizer", sentences, vocab_size=48)  # <= TINY_T5.vocab_size; what they allow
+    if not (sr2 / "text_encoder" / "config.json").is_file():
+        save_converted(random_model(CLIPTextModel, TINY_CLIP, seed=seed * 100 + 8), sr2 / "text_encoder")
+    if not (sr2 / "tokenizer").is_dir():
+        write_clip_tokenizer(sr2 / "tokenizer", sentences)
+    return {"t5": base / "text_encoder", "clip": sr2 / "text_encoder"}
+
+
+def stage_settings(stage: str, workdir: Path, *, steps_scale: float = 1.0, overrides: Sequence[str] = ()):
+    """The :class:`~show1_jax.train_settings.TrainSettings` of one stage of the recipe, paths filled in."""
+    from show1_jax.settings import load_settings
+    from show1_jax.train_settings import TrainSettings
+
+    path = SHAPES_CONFIGS / f"train_{stage}.yaml"
+    base = load_settings(TrainSettings, path)
+    text = {"sr2": workdir / "text" / "show-1-sr2" / "text_encoder", "vae": None}.get(
+        stage, workdir / "text" / "show-1-base" / "text_encoder"
+    )
+    filled = [
+        f"workdir={workdir / 'runs' / stage}",
+        f"data.source={workdir / 'clips'}",
+        f"data.build_dir={workdir / 'data' / stage}",
+        f"steps={max(1, round(base.steps * steps_scale))}",
+    ]
+    if text is not None:
+        filled.append(f"data.text_encoder={text}")
+    if stage == "sr2":
+        filled.append(f"model.vae={workdir / 'runs' / 'vae' / 'vae'}")
+    return load_settings(TrainSettings, path, [*filled, *overrides])
+
+
+def train_recipe(
+    workdir: str | Path,
+    out: str | Path,
+    *,
+    stages: Sequence[str] = STAGES,
+    steps_scale: float = 1.0,
+    num_clips: int = NUM_CLIPS,
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train the whole cascade from nothing into ``workdir`` and write the shipped layout to ``out``.
+
+    Resumable: clips, text encoders, built datasets and finished stages (their exported model) are reused; a stage
+    interrupted mid-run resumes from its last checkpoint. ``steps_scale`` multiplies every stage's steps (for
+    quick checks); ``overrides`` (``key=value``) apply to every stage.
+
+    Returns:
+      ``out``, written atomically by :func:`assemble`.
+    """
+    from tqdm import tqdm
+
+    from show1_jax.train import PrintLogger, run_training
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}: choose from {list(STAGES)}")
+    workdir = Path(workdir).resolve()
+    clips = workdir / "clips"
+    if not (clips / "captions.csv").is_file():
+        log(f"rendering {num_clips} training clips of {len(split().train)} triples into {clips}")
+        with tqdm(total=num_clips, desc="clips", unit="clip") as bar:
+            generate_dataset(clips, num_clips, DATASET, combinations=split().train, seed=0, progress=bar)
+    write_text_encoders(workdir / "text")
+    timings = {}
+    for stage in stages:
+        settings = stage_settings(stage, workdir, steps_scale=steps_scale, overrides=overrides)
+        exported = Path(settings.workdir) / REPOS[stage][1]
+        if (exported / "config.json").is_file():
+            log(f"{stage}: using the trained model in {exported}")
+            continue
+        log(f"{stage}: training {settings.steps} steps (configs/shapes/train_{stage}.yaml) in {settings.workdir}")
+        start = time.perf_counter()
+        with tqdm(total=settings.steps, desc=stage, unit="step") as bar:
+            run_training(settings, logger=PrintLogger(lambda m: bar.write(m)), progress=bar)
+        timings[stage] = time.perf_counter() - start
+        log(f"{stage}: {timings[stage] / 60:.1f} min")
+    if timings:
+        (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
+    return assemble(workdir, out)
+
+
+def assemble(workdir: str | Path, out: str | Path, *, dtype=jnp.float16) -> Path:
+    """Write the five repositories (converted format, ``dtype`` weights) from a finished :func:`train_recipe` run."""
+    from show1_jax.loading import _atomic_folder, load_component, save_converted
+
+    workdir, out = Path(workdir), Path(out)
+    missing = [s for s, (_, comp) in REPOS.items() if not (workdir / "runs" / s / comp / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{workdir} has no trained model for {missing}: run the recipe for those stages first")
+    with _atomic_folder(out) as tmp:
+        for stage, (repo, component) in REPOS.items():
+            run = workdir / "runs" / stage
+            save_converted(load_component(run / component, dtype=dtype), tmp / repo / component)
+            for name in SCHEDULER_FOLDERS:
+                if (run / name).is_dir() and component == "unet":
+                    shutil.copytree(run / name, tmp / repo / name)
+        for repo in ("show-1-base", "show-1-sr2"):
+            encoder = workdir / "text" / repo
+            save_converted(load_component(encoder / "text_encoder", dtype=dtype), tmp / repo / "text_encoder")
+            shutil.copytree(encoder / "tokenizer", tmp / repo / "tokenizer")
+        info = {"dataset": dataclasses.asdict(DATASET), "held_out": [list(c) for c in split().held_out]}
+        (tmp / "show1_shapes.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def weight_overrides(root: str | Path) -> list[str]:
+    """``weights.*=`` overrides pointing the generate settings at a Show-1 Shapes folder."""
+    root = Path(root).resolve()
+    return [f"weights.{key}={root / repo}" for key, repo in WEIGHT_KEYS.items()]
+
+
+def random_cascade(root: str | Path, *, seed: int = 1) -> Path:
+    """The untrained cascade (same architectures and text encoders, random UNets/VAE): the metric's floor."""
+    from show1_jax.tiny import build_tiny_show1
+
+    root = Path(root)
+    if not root.exists():
+        build_tiny_show1(root, seed=seed)
+        for repo in ("show-1-base", "show-1-sr2"):  # the demo's own tokenizers and encoders
+            shutil.rmtree(root / repo / "tokenizer")
+            shutil.rmtree(root / repo / "text_encoder")
+        write_text_encoders(root)
+    return root
+
+
+def evaluate(
+    weights: str | Path,
+    combos: Sequence[Combination],
+    *,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    stage: str = "sr2",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Generate one video per (combination, seed) with the cascade in ``weights`` and score it from its pixels.
+
+    Returns :func:`show1_jax.data.alignment.evaluate`'s report (per-attribute and overall accuracy, confusions)
+    plus ``"seconds"``.
+    """
+    from show1_jax.data.alignment import evaluate as score
+    from show1_jax.generate_settings import GenerateSettings, Weights
+    from show1_jax.pipeline import Show1Pipeline
+    from show1_jax.settings import load_settings
+    from show1_jax.stages import video_to_uint8
+
+    settings = load_settings(GenerateSettings, GENERATE_CONFIG, [*weight_overrides(weights), *overrides])
+    pipe = Show1Pipeline(Weights(**dataclasses.asdict(settings.weights)), dtype=jnp.float32, keep_loaded=True)
+    start = time.perf_counter()
+    videos = []
+    for seed in seeds:
+        run = dataclasses.replace(settings, seed=int(seed))
+        prompts = [caption_for(c, DATASET.caption_template) for c in combos]
+        frames = pipe(prompts, run)[stage]
+        for combo, video in zip(combos, video_to_uint8(np.asarray(frames))):
+            videos.append((video, combo))
+        log(f"seed {seed}: {len(combos)} videos")
+    report = score(videos, colours=DATASET.colours, shapes=DATASET.shapes, directions=DATASET.directions)
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def ceiling(combos: Sequence[Combination], *, n_per_combo: int = 2, size: tuple[int, int] | None = None) -> dict:
+    """The metric on real dataset clips of ``combos`` (29 frames, as generated videos have), resized to ``size``."""
+    from show1_jax.data.alignment import ceiling as real_ceiling
+
+    config = dataclasses.replace(DATASET, num_frames=29)
+    return real_ceiling(config, combos, n_per_combo=n_per_combo, seed=1, size=size)
+
+
+def stage_size(overrides: Sequence[str] = ()) -> tuple[int, int]:
+    """(height, width) of the final (SR2) video under the generate settings and ``overrides``."""
+    from show1_jax.generate_settings import GenerateSettings
+    from show1_jax.settings import load_settings
+
+    settings = load_settings(GenerateSettings, GENERATE_CONFIG, [*weight_overrides(DEFAULT_WEIGHTS), *overrides])
+    return settings.sr2.height, settings.sr2.width
