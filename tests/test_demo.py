@@ -1,0 +1,111 @@
+"""Show-1 Shapes (show1_jax/demo.py): the recipe's settings, the shipped layout and the default-weights choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from show1_jax import cli, demo
+from show1_jax.data.synthetic import attribute_combinations
+from show1_jax.loading import flat_params, load_component, save_converted
+from show1_jax.tiny import TINY_BASE, TINY_IF2, TINY_INTERP, TINY_SR1, TINY_SR2, TINY_VAE, random_model
+from show1_jax.unet3d import UNet2DConditionModel, UNet3DConditionModel
+from show1_jax.vae import AutoencoderKL
+
+
+def test_split_holds_out_unseen_triples():
+    split = demo.split()
+    assert set(split.train).isdisjoint(split.held_out)
+    assert set(split.train) | set(split.held_out) == set(attribute_combinations(demo.DATASET))
+    assert 0.15 <= len(split.held_out) / len(attribute_combinations(demo.DATASET)) <= 0.25
+
+
+def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
+    for stage in demo.STAGES:
+        settings = demo.stage_settings(stage, tmp_path, steps_scale=0.5)
+        full = demo.stage_settings(stage, tmp_path)
+        assert settings.stage == stage and settings.steps == max(1, round(full.steps * 0.5))
+        assert Path(settings.workdir) == tmp_path / "runs" / stage
+        assert Path(settings.data.source) == tmp_path / "clips"
+    assert demo.stage_settings("sr2", tmp_path).model.vae == str(tmp_path / "runs" / "vae" / "vae")
+    assert demo.stage_settings("sr2", tmp_path).data.text_encoder.endswith("show-1-sr2/text_encoder")
+    assert demo.stage_settings("keyframes", tmp_path).data.text_encoder.endswith("show-1-base/text_encoder")
+    assert demo.stage_settings("keyframes", tmp_path, overrides=["steps=3"]).steps == 3
+    with pytest.raises(ValueError, match="unknown stages"):
+        demo.train_recipe(tmp_path, tmp_path / "out", stages=["keyframes", "sr3"])
+
+
+def fake_runs(workdir: Path) -> None:
+    """Random models where a finished recipe leaves its trained ones (plus the recipe's text encoders)."""
+    models = {
+        "keyframes": (UNet3DConditionModel, TINY_BASE),
+        "interpolation": (UNet3DConditionModel, TINY_INTERP),
+        "first_frame": (UNet2DConditionModel, TINY_IF2),
+        "sr1": (UNet3DConditionModel, TINY_SR1),
+        "sr2": (UNet3DConditionModel, TINY_SR2),
+        "vae": (AutoencoderKL, TINY_VAE),
+    }
+    for i, (stage, (cls, config)) in enumerate(models.items()):
+        run = workdir / "runs" / stage
+        save_converted(random_model(cls, config, seed=i), run / demo.REPOS[stage][1])
+        if stage != "vae":
+            (run / "scheduler").mkdir(parents=True)
+            (run / "scheduler" / "scheduler_config.json").write_text("{}")
+    demo.write_text_encoders(workdir / "text")
+
+
+def test_assemble_writes_the_released_layout_in_float16(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        demo.assemble(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    fake_runs(tmp_path)
+    out = demo.assemble(tmp_path, tmp_path / "out")
+    for stage, (repo, component) in demo.REPOS.items():
+        trained = flat_params(load_component(tmp_path / "runs" / stage / component, dtype=jnp.float32))
+        shipped = flat_params(load_component(out / repo / component, dtype=jnp.float32))  # the converted path
+        assert trained.keys() == shipped.keys()
+        for key, value in trained.items():  # float16 copies of the trained weights
+            expected = np.asarray(value).astype(np.float16).astype(np.float32)
+            np.testing.assert_array_equal(np.asarray(shipped[key]), expected, err_msg=key)
+        if component == "unet":
+            assert (out / repo / "scheduler" / "scheduler_config.json").is_file()
+    for repo in ("show-1-base", "show-1-sr2"):
+        assert (out / repo / "tokenizer").is_dir() and (out / repo / "text_encoder" / "config.json").is_file()
+    info = json.loads((out / "show1_shapes.json").read_text())
+    assert sorted(map(tuple, info["held_out"])) == sorted(map(tuple, demo.split().held_out))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert size < 25 * 2**20  # what may ship in the repository
+    weights = dict(o.split("=", 1) for o in demo.weight_overrides(out))
+    assert weights["weights.first_frame"] == str((out / "IF-II-L").resolve())
+
+
+def test_generate_defaults_to_the_shipped_model_only_without_weights(tmp_path, monkeypatch):
+    chosen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(cls, config, overrides):
+        chosen["config"], chosen["overrides"] = config, list(overrides)
+        raise Stop
+
+    monkeypatch.setattr("show1_jax.settings.load_settings", fake_load)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(demo, "DEFAULT_WEIGHTS", shipped)
+    parser = cli.build_parser()
+    with pytest.raises(Stop):
+        cli.cmd_generate(parser.parse_args(["generate", "a red circle moving right", "--output", str(tmp_path / "o")]))
+    assert chosen["config"] == str(demo.GENERATE_CONFIG)
+    assert f"weights.base={shipped.resolve() / 'show-1-base'}" in chosen["overrides"]
+    with pytest.raises(Stop):  # a weights folder given: the released settings, not the demo's
+        cli.cmd_generate(parser.parse_args(["generate", "x", "--output", str(tmp_path / "o"), "--base", "b"]))
+    assert chosen["config"].endswith("show1.yaml")
+    shipped.rmdir()  # nothing shipped: the released settings as before
+    with pytest.raises(Stop):
+        cli.cmd_generate(parser.parse_args(["generate", "x", "--output", str(tmp_path / "o")]))
+    assert chosen["config"].endswith("show1.yaml")
