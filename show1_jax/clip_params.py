@@ -3,7 +3,9 @@
 Parameter paths mirror the state-dict names: the two embedding tables keep their ``weight`` unchanged as
 ``embedding``; LayerNorm ``weight`` -> ``scale``; Linear ``weight`` (out, in) -> ``kernel`` (in, out); biases as is.
 Older checkpoints also store the ``position_ids`` buffer (0..L-1): it is not a parameter, and :func:`ignored_keys`
-tells the loader to skip it; :func:`check` verifies its shape.
+tells the loader to skip it; :func:`check` verifies its shape. transformers 5 saves ``CLIPTextModel`` without the
+``text_model.`` prefix of the released checkpoints (``encoder.layers.0...``): both spellings map to the same
+parameters.
 """
 
 from __future__ import annotations
@@ -14,31 +16,38 @@ from show1_jax.clip import CLIPTextConfig
 from show1_jax.keymap import KeyTable, MappingReport, Rule, standard_leaf_rules
 
 POSITION_IDS = "text_model.embeddings.position_ids"
+PREFIX = "text_model."
 
 
 def key_table(config: CLIPTextConfig) -> KeyTable:
-    return (
-        Rule(
-            r"text_model\.embeddings\.(token_embedding|position_embedding)\.weight",
-            r"text_model.embeddings.\1.embedding",
-        ),
+    rules = (
+        Rule(r"embeddings\.(token_embedding|position_embedding)\.weight", r"embeddings.\1.embedding"),
         *standard_leaf_rules(),
     )
+    # The prefix is optional in the checkpoint (transformers 5 drops it) and always there in our parameter paths.
+    return tuple(Rule(r"(?:text_model\.)?" + r.pattern, PREFIX + r.target, r.transform) for r in rules)
+
+
+def _position_ids_key(keys: Iterable[str]) -> str | None:
+    found = {POSITION_IDS, POSITION_IDS.removeprefix(PREFIX)} & set(keys)
+    return next(iter(found), None)
 
 
 def ignored_keys(config: CLIPTextConfig, keys: Iterable[str]) -> set[str]:
     """Checkpoint keys the loader must skip: the ``position_ids`` buffer of older checkpoints."""
-    return {POSITION_IDS} & set(keys)
+    key = _position_ids_key(keys)
+    return set() if key is None else {key}
 
 
 def check(config: CLIPTextConfig, keys_and_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    if POSITION_IDS not in keys_and_shapes:
+    key = _position_ids_key(keys_and_shapes)
+    if key is None:
         return []
-    shape = tuple(keys_and_shapes[POSITION_IDS])
+    shape = tuple(keys_and_shapes[key])
     n = config.max_position_embeddings
     if shape not in ((1, n), (n,)):
         return [
-            f"`{POSITION_IDS}` has shape {shape}, expected (1, {n}) for max_position_embeddings={n}: is config.json"
+            f"`{key}` has shape {shape}, expected (1, {n}) for max_position_embeddings={n}: is config.json"
             " the one saved with these weights?"
         ]
     return []

@@ -73,6 +73,7 @@ class T5Config:
     classifier_dropout: float = 0.0
     n_positions: int | None = None
     output_past: bool | None = None
+    scale_decoder_outputs: bool | None = None  # written by transformers 5: the decoder's output scaling
 
     def __post_init__(self):
         act = self.activation  # validates feed_forward_proj / dense_act_fn

@@ -138,6 +138,19 @@ def test_position_ids_buffer_is_skipped(tiny, tmp_path):
         load_component(write_folder(tmp_path / "wrong", wrong))
 
 
+def test_unprefixed_checkpoint_of_transformers_5_loads(tiny, tmp_path):
+    """transformers 5 saves CLIPTextModel keys without `text_model.` (and its position_ids buffer likewise)."""
+    model, sd, ids = tiny
+    bare = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    assert not any(k.startswith("text_model.") for k in bare)
+    bare["embeddings.position_ids"] = np.arange(12, dtype=np.int64)[None]
+    loaded = load_component(write_folder(tmp_path / "bare", bare))
+    np.testing.assert_array_equal(np.asarray(loaded(ids).last_hidden_state), np.asarray(model(ids).last_hidden_state))
+    bare["embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+    with pytest.raises(CheckpointMappingError, match="embeddings.position_ids"):
+        load_component(write_folder(tmp_path / "bare_wrong", bare))
+
+
 def test_full_clip_checkpoint_is_refused_with_a_hint(tiny, tmp_path):
     _, sd, _ = tiny
     full = dict(sd, **{"vision_model.embeddings.class_embedding": np.zeros(16, np.float32)})

@@ -258,6 +258,8 @@ def test_config_refuses_what_it_cannot_build():
         T5Config.from_dict(dict(TINY, dense_act_fn="mystery"))
     with pytest.raises(ConfigError, match="use_moe"):
         T5Config.from_dict(dict(TINY, use_moe=True))
+    # transformers 5 writes the decoder-only `scale_decoder_outputs`: read and ignored, like the other decoder keys.
+    assert T5Config.from_dict(dict(TINY, scale_decoder_outputs=True)).d_model == T5Config.from_dict(TINY).d_model
     # An original Google config (no dense_act_fn): gated-gelu means the tanh GELU, as transformers reads it.
     raw = {k: v for k, v in TINY.items() if k not in ("dense_act_fn", "is_gated_act")}
     assert T5Config.from_dict(raw).activation == "gelu_new"
