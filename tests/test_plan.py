@@ -91,7 +91,10 @@ def test_flop_counter_multiplies_loops():
 
 
 def test_attention_logits_are_found_in_compiled_hlo():
-    """The logits block per step (chunked or not), and whether XLA:CPU fused it away (dot -> softmax -> dot)."""
+    """The logits block per step (chunked or not), and whether XLA:CPU fused it away (dot -> softmax -> dot).
+
+    Plans compile the plain ("xla") attention, whose matmuls they read (never the CPU kernel's custom call).
+    """
     q = jax.ShapeDtypeStruct((6, 40, 32), jnp.float32)
     # 12800: blocks of 10 queries of all 6 sequences; 1280: 1 query of all 6; 500: 1 query of 3 sequences
     for chunk, biggest in (
@@ -100,7 +103,8 @@ def test_attention_logits_are_found_in_compiled_hlo():
         (1280, 6 * 4 * 1 * 40),
         (500, 3 * 4 * 40),
     ):
-        hlo = jax.jit(lambda a, b, c: attention(a, b, c, 4, chunk=chunk)).lower(q, q, q).compile().as_text()  # noqa: B023
+        fn = lambda a, b, c: attention(a, b, c, 4, chunk=chunk, implementation="xla")  # noqa: B023
+        hlo = jax.jit(fn).lower(q, q, q).compile().as_text()
         largest, fused = P.attention_logits(hlo)
         assert largest == biggest and fused in (0, biggest)  # XLA:CPU fuses the larger ones away
     materialised = """
