@@ -146,9 +146,9 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cpu_kernel", "dot_product_attention
 """How :func:`attention` computes one block (every choice gives the same softmax attention):
 
 - ``"auto"`` (default): per backend, at lowering time (``lax.platform_dependent``): on the CPU the compiled kernel
-  (show1_jax/kernels) for float32 when it is available, else ``"xla"``; on CUDA/ROCm GPUs
-  ``jax.nn.dot_product_attention`` (cuDNN's fused flash attention where it applies); elsewhere (TPU) ``"xla"``,
-  which XLA:TPU fuses itself.
+  (show1_jax/kernels) for float32 when it is available and the CPU is the default backend, else ``"xla"``; on
+  CUDA/ROCm GPUs ``jax.nn.dot_product_attention`` (cuDNN's fused flash attention where it applies); elsewhere
+  (TPU) ``"xla"``, which XLA:TPU fuses itself.
 - ``"xla"``: the plain jnp version ([N, H, L, D] matmuls and a float32-or-wider softmax). The reference for tests,
   used for float64, and by ``show1 plan`` (whose FLOP count reads the matmuls).
 - ``"cpu_kernel"``: the compiled CPU kernel (float32; an error where it cannot be built or on another backend).
@@ -227,7 +227,8 @@ def _attention_block(q: Array, k: Array, v: Array, *, heads: int, implementation
         return _cpu_kernel_attention(q, k, v, heads)
     per_head = lambda f: functools.partial(f, heads=heads)
     branches = {"cuda": per_head(_dot_product_attention), "rocm": per_head(_dot_product_attention)}
-    if q.dtype == jnp.float32 and kernels.cpu_attention_kernel() is not None:
+    # The kernel is built only where the CPU is the default backend (no compile on GPU/TPU hosts).
+    if q.dtype == jnp.float32 and jax.default_backend() == "cpu" and kernels.cpu_attention_kernel() is not None:
         branches["cpu"] = per_head(_cpu_kernel_attention)
     return jax.lax.platform_dependent(q, k, v, **branches, default=per_head(_attention))
 
