@@ -725,12 +725,7 @@ def set_attention_chunk(model: nnx.Module, chunk: int | None) -> int:
     """
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"attention chunk must be None or a positive number of logits, got {chunk!r}")
-    count = 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, (Attention, AddedKVAttention)):
-            node.attention_chunk = chunk
-            count += 1
-    return count
+    return _set_on_attention_modules(model, "attention_chunk", chunk)
 
 
 def set_attention_implementation(model: nnx.Module, implementation: str) -> int:
@@ -743,9 +738,14 @@ def set_attention_implementation(model: nnx.Module, implementation: str) -> int:
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: choose from {ATTENTION_IMPLEMENTATIONS}")
+    return _set_on_attention_modules(model, "attention_implementation", implementation)
+
+
+def _set_on_attention_modules(model: nnx.Module, name: str, value: object) -> int:
+    """Set ``name`` on every :class:`Attention` / :class:`AddedKVAttention` of ``model``; how many there were."""
     count = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, (Attention, AddedKVAttention)):
-            node.attention_implementation = implementation
+            setattr(node, name, value)
             count += 1
     return count
