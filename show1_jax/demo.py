@@ -10,9 +10,10 @@ at the keyframe size (the alignment metric needs a radius of about 4 pixels, i.e
 
 The text encoders are not trained: a fixed random tiny T5 (and CLIP for SR2) with a tokenizer trained on the
 dataset's captions gives every word its own embedding, which the UNets learn to read. The recipe is
-``configs/shapes/train_<stage>.yaml`` (one file per model); :func:`train_recipe` (``show1 shapes train``) runs it
-from an empty folder and :func:`assemble` writes the five repositories in the released layout and the converted
-format (float16), which :class:`show1_jax.pipeline.Show1Pipeline` loads exactly like converted released weights.
+``configs/shapes/train_<run>.yaml`` (one file per training run, :data:`STAGES`); :func:`train_recipe`
+(``show1 shapes train``) runs it from an empty folder and :func:`assemble` writes the five repositories in the
+released layout and the converted format (float16), which :class:`show1_jax.pipeline.Show1Pipeline` loads exactly
+like converted released weights.
 """
 
 from __future__ import annotations
@@ -55,19 +56,33 @@ HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 NUM_CLIPS = 1536
 
-# Training order (SR2 needs the trained VAE) and where each model goes in the released layout.
-STAGES = ("vae", "keyframes", "interpolation", "first_frame", "sr1", "sr2")
+# The recipe's training runs in order, one configs/shapes/train_<run>.yaml each (its `stage:` is the trainer stage).
+# Two runs continue an earlier one (FINETUNES: model.pretrained is filled in with that run's export): the VAE trains
+# longer, and the keyframe UNet, first trained to predict noise (epsilon), is switched to v-prediction, whose
+# predictions stay accurate at the highest noise levels where this small model's epsilon did not (its samples from
+# pure noise kept a noisy background). SR2 trains in the latent space of the finished VAE.
+STAGES = ("vae", "vae_more", "keyframes", "keyframes_v", "interpolation", "first_frame", "sr1", "sr2")
+FINETUNES = {"vae_more": "vae", "keyframes_v": "keyframes"}
+SR2_VAE_RUN = "vae_more"
+# Where each shipped model comes from and goes in the released layout.
 REPOS = {
-    "keyframes": ("show-1-base", "unet"),
+    "keyframes_v": ("show-1-base", "unet"),
     "interpolation": ("show-1-interpolation", "unet"),
     "first_frame": ("IF-II-L", "unet"),
     "sr1": ("show-1-sr1", "unet"),
     "sr2": ("show-1-sr2", "unet"),
-    "vae": ("show-1-sr2", "vae"),
+    "vae_more": ("show-1-sr2", "vae"),
 }
+
+
 WEIGHT_KEYS = {"base": "show-1-base", "interpolation": "show-1-interpolation", "sr1": "show-1-sr1",
                "first_frame": "IF-II-L", "sr2": "show-1-sr2"}  # fmt: skip
 SCHEDULER_FOLDERS = ("scheduler", "image_noising_scheduler")
+
+
+def component(run: str) -> str:
+    """The folder a run exports its model to (``vae`` or ``unet``)."""
+    return "vae" if run.startswith("vae") else "unet"
 
 
 def split(config: SyntheticConfig = DATASET):
@@ -111,26 +126,33 @@ def write_text_encoders(root: str | Path, *, seed: int = 0, config: SyntheticCon
     return {"t5": base / "text_encoder", "clip": sr2 / "text_encoder"}
 
 
-def stage_settings(stage: str, workdir: Path, *, steps_scale: float = 1.0, overrides: Sequence[str] = ()):
-    """The :class:`~show1_jax.train_settings.TrainSettings` of one stage of the recipe, paths filled in."""
-    from show1_jax.settings import load_settings
+def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrides: Sequence[str] = ()):
+    """The :class:`~show1_jax.train_settings.TrainSettings` of one run of the recipe, paths filled in.
+
+    Runs of one trainer stage share its built dataset (``data/<stage>``); a finetune starts from its parent run's
+    export."""
+    from show1_jax.settings import load_settings, read_yaml
     from show1_jax.train_settings import TrainSettings
 
-    path = SHAPES_CONFIGS / f"train_{stage}.yaml"
-    base = load_settings(TrainSettings, path)
+    path = SHAPES_CONFIGS / f"train_{run}.yaml"
+    raw = read_yaml(path)  # a finetune's own file is incomplete (no model) until its parent is filled in
+    stage = raw["stage"]
     text = {"sr2": workdir / "text" / "show-1-sr2" / "text_encoder", "vae": None}.get(
         stage, workdir / "text" / "show-1-base" / "text_encoder"
     )
     filled = [
-        f"workdir={workdir / 'runs' / stage}",
+        f"workdir={workdir / 'runs' / run}",
         f"data.source={workdir / 'clips'}",
         f"data.build_dir={workdir / 'data' / stage}",
-        f"steps={max(1, round(base.steps * steps_scale))}",
+        f"steps={max(1, round(int(raw['steps']) * steps_scale))}",
     ]
     if text is not None:
         filled.append(f"data.text_encoder={text}")
+    if run in FINETUNES:
+        parent = FINETUNES[run]
+        filled += [f"model.pretrained={workdir / 'runs' / parent / component(parent)}", "model.config=null"]
     if stage == "sr2":
-        filled.append(f"model.vae={workdir / 'runs' / 'vae' / 'vae'}")
+        filled.append(f"model.vae={workdir / 'runs' / SR2_VAE_RUN / 'vae'}")
     return load_settings(TrainSettings, path, [*filled, *overrides])
 
 
@@ -170,7 +192,7 @@ def train_recipe(
     timings = {}
     for stage in stages:
         settings = stage_settings(stage, workdir, steps_scale=steps_scale, overrides=overrides)
-        exported = Path(settings.workdir) / REPOS[stage][1]
+        exported = Path(settings.workdir) / component(stage)
         if (exported / "config.json").is_file():
             log(f"{stage}: using the trained model in {exported}")
             continue
@@ -190,23 +212,31 @@ def assemble(workdir: str | Path, out: str | Path, *, dtype=jnp.float16) -> Path
     from show1_jax.loading import _atomic_folder, load_component, save_converted
 
     workdir, out = Path(workdir), Path(out)
-    missing = [s for s, (_, comp) in REPOS.items() if not (workdir / "runs" / s / comp / "config.json").is_file()]
+    missing = [r for r, (_, comp) in REPOS.items() if not (workdir / "runs" / r / comp / "config.json").is_file()]
     if missing:
         raise FileNotFoundError(f"{workdir} has no trained model for {missing}: run the recipe for those stages first")
     with _atomic_folder(out) as tmp:
-        for stage, (repo, component) in REPOS.items():
-            run = workdir / "runs" / stage
-            save_converted(load_component(run / component, dtype=dtype), tmp / repo / component)
-            for name in SCHEDULER_FOLDERS:
-                if (run / name).is_dir() and component == "unet":
-                    shutil.copytree(run / name, tmp / repo / name)
+        for name, (repo, comp) in REPOS.items():
+            run = workdir / "runs" / name
+            save_converted(load_component(run / comp, dtype=dtype), tmp / repo / comp)
+            for folder in SCHEDULER_FOLDERS:
+                if (run / folder).is_dir() and comp == "unet":
+                    shutil.copytree(run / folder, tmp / repo / folder)
         for repo in ("show-1-base", "show-1-sr2"):
             encoder = workdir / "text" / repo
             save_converted(load_component(encoder / "text_encoder", dtype=dtype), tmp / repo / "text_encoder")
             shutil.copytree(encoder / "tokenizer", tmp / repo / "tokenizer")
+        shutil.copyfile(GENERATE_CONFIG, tmp / "generate.yaml")  # the settings the model is shipped with
         info = {"dataset": dataclasses.asdict(DATASET), "held_out": [list(c) for c in split().held_out]}
         (tmp / "show1_shapes.json").write_text(json.dumps(info, indent=2))
     return out
+
+
+def generate_config(root: str | Path) -> Path:
+    """The generate settings of a Show-1 Shapes folder: its own ``generate.yaml`` (written by :func:`assemble`, so
+    that an installed package needs no ``configs/``), else ``configs/shapes/generate.yaml``."""
+    own = Path(root) / "generate.yaml"
+    return own if own.is_file() else GENERATE_CONFIG
 
 
 def weight_overrides(root: str | Path) -> list[str]:
@@ -249,7 +279,7 @@ def evaluate(
     from show1_jax.settings import load_settings
     from show1_jax.stages import video_to_uint8
 
-    settings = load_settings(GenerateSettings, GENERATE_CONFIG, [*weight_overrides(weights), *overrides])
+    settings = load_settings(GenerateSettings, generate_config(weights), [*weight_overrides(weights), *overrides])
     pipe = Show1Pipeline(Weights(**dataclasses.asdict(settings.weights)), dtype=jnp.float32, keep_loaded=True)
     start = time.perf_counter()
     videos = []
@@ -278,5 +308,6 @@ def stage_size(overrides: Sequence[str] = ()) -> tuple[int, int]:
     from show1_jax.generate_settings import GenerateSettings
     from show1_jax.settings import load_settings
 
-    settings = load_settings(GenerateSettings, GENERATE_CONFIG, [*weight_overrides(DEFAULT_WEIGHTS), *overrides])
+    config = generate_config(DEFAULT_WEIGHTS)
+    settings = load_settings(GenerateSettings, config, [*weight_overrides(DEFAULT_WEIGHTS), *overrides])
     return settings.sr2.height, settings.sr2.width

@@ -19,28 +19,34 @@ class Weights:
     variant: str | None = None
 
 
+# Every stage's guidance_scale may be null (None): no classifier-free guidance, the conditional prediction alone (one
+# UNet pass per step instead of two; the stage's negative prompt is then unused).
+
+
 @dataclasses.dataclass(frozen=True)
 class Keyframes:
     num_frames: int = 8
     height: int = 40
     width: int = 64
     steps: int = 75
-    guidance_scale: float = 9.0
+    guidance_scale: float | None = 9.0
     train_mode_dropout: bool = False  # the reference script's train-mode temporal dropout (SPEC.md §1.6)
 
 
 @dataclasses.dataclass(frozen=True)
 class Interpolation:
     steps: int = 75
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = 4.0
     batched: bool = True
+    strength: float = 1.0  # < 1: start from the keyframe blend noised part-way (stages.from_strength); 1: reference
 
 
 @dataclasses.dataclass(frozen=True)
 class FirstFrame:
     steps: int = 70
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = 4.0
     noise_level: int = 150
+    strength: float = 1.0  # < 1: start from the upsampled frame noised part-way; 1: the reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +54,11 @@ class SR1:
     height: int = 160
     width: int = 256
     steps: int = 125
-    guidance_scale: float = 7.0
+    guidance_scale: float | None = 7.0
     noise_level: int = 250
     window: int = 8
     stride: int = 7
+    strength: float = 1.0  # < 1: start from the upsampled frames noised part-way; 1: the reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +66,7 @@ class SR2:
     height: int = 320
     width: int = 576
     steps: int = 50
-    guidance_scale: float = 15.0
+    guidance_scale: float | None = 15.0
     strength: float = 0.8
     negative_prompt: str = "low resolution, blur"
     decode_chunk: int = 4
@@ -103,8 +110,10 @@ class GenerateSettings:
         frames = interpolated_frames(self.keyframes.num_frames)
         if "sr1" in self.stages:
             sr1_windows(frames, self.sr1.window, self.sr1.stride)  # raises on counts the windows cannot cover
-        if not 0 < self.sr2.strength <= 1:
-            raise ValueError(f"sr2.strength must be in (0, 1], got {self.sr2.strength}")
+        for name in ("interpolation", "first_frame", "sr1", "sr2"):
+            strength = getattr(self, name).strength
+            if not 0 < strength <= 1:
+                raise ValueError(f"{name}.strength must be in (0, 1], got {strength} (1.0 starts from pure noise)")
         for name in ("keyframes", "interpolation", "first_frame", "sr1", "sr2"):
             if getattr(self, name).steps < 1:
                 raise ValueError(f"{name}.steps must be at least 1")

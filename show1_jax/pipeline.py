@@ -73,6 +73,17 @@ class _CompileTimer:
 _COMPILE_TIMER: _CompileTimer | None = None
 
 
+def _guided(text: jax.Array, guidance_scale: float | None) -> jax.Array:
+    """The stage's text batch: the CFG batch [negative; positive], or only the prompts' half when guidance is None
+    (no classifier-free guidance: one UNet pass per step instead of two)."""
+    return text if guidance_scale is not None else jnp.split(text, 2, axis=0)[1]
+
+
+def _steps_run(schedule: Any, strength: float) -> int:
+    """Denoising steps a stage runs: all of them, or the img2img tail below strength 1."""
+    return len(schedule) if strength == 1.0 else len(schedule.skip(img2img_t_start(len(schedule), strength)))
+
+
 def _progress_scope(progress: Any, steps: int, windows: int | None = None):
     """``stages.progress_scope`` when there is a progress sink, else no token (no callbacks compiled in)."""
     if progress is None:
@@ -209,8 +220,9 @@ class Show1Pipeline:
             schedule = self.scheduler("base", s.steps)
             dropout_key = jax.random.fold_in(key, 1) if s.train_mode_dropout else None
             with _progress_scope(progress, len(schedule)) as token:
-                out = stages.keyframes(stages.unet_denoiser(graphdef), params, schedule, text,
-                                       guidance_scale=s.guidance_scale, key=key, dtype=dtype,
+                out = stages.keyframes(stages.unet_denoiser(graphdef), params, schedule,
+                                       _guided(text, s.guidance_scale), guidance_scale=s.guidance_scale, key=key,
+                                       dtype=dtype,
                                        shape=(s.num_frames, s.height, s.width), dropout_key=dropout_key,
                                        progress_token=token)  # fmt: skip
                 out = np.asarray(out.astype(jnp.float32))
@@ -224,10 +236,11 @@ class Show1Pipeline:
             graphdef, params = self.model("interpolation")
             schedule = self.scheduler("interpolation", s.steps)
             windows = None if s.batched else frames.shape[1] - 1
-            with _progress_scope(progress, len(schedule), windows) as token:
-                out = stages.interpolate(stages.unet_denoiser(graphdef), params, schedule, text, frames,
+            with _progress_scope(progress, _steps_run(schedule, s.strength), windows) as token:
+                out = stages.interpolate(stages.unet_denoiser(graphdef), params, schedule,
+                                         _guided(text, s.guidance_scale), frames,
                                          guidance_scale=s.guidance_scale, key=key, batched=s.batched, dtype=dtype,
-                                         progress_token=token)  # fmt: skip
+                                         progress_token=token, strength=s.strength)  # fmt: skip
                 out = np.asarray(out.astype(jnp.float32))
             self._done_with("interpolation")
             return out
@@ -235,23 +248,25 @@ class Show1Pipeline:
             s, ff = settings.sr1, settings.first_frame
             graphdef, params = self.model("first_frame")
             schedule = self.scheduler("first_frame", ff.steps)
-            with _progress_scope(progress, len(schedule)) as token:
+            with _progress_scope(progress, _steps_run(schedule, ff.strength)) as token:
                 first = stages.first_frame_sr(stages.unet_denoiser(graphdef), params, schedule,
-                                              self.noising_table("first_frame"), text, frames[:, 0],
+                                              self.noising_table("first_frame"), _guided(text, ff.guidance_scale),
+                                              frames[:, 0],
                                               height=s.height, width=s.width, guidance_scale=ff.guidance_scale,
                                               noise_level=ff.noise_level, key=jax.random.fold_in(key, 1),
-                                              dtype=dtype, progress_token=token)  # fmt: skip
+                                              dtype=dtype, progress_token=token, strength=ff.strength)  # fmt: skip
                 first = jax.block_until_ready(first)
             self._done_with("first_frame")
             graphdef, params = self.model("sr1")
             schedule = self.scheduler("sr1", s.steps)
             n_windows = (frames.shape[1] - s.window) // s.stride + 1
-            with _progress_scope(progress, len(schedule), n_windows) as token:
+            with _progress_scope(progress, _steps_run(schedule, s.strength), n_windows) as token:
                 out = stages.super_resolve_sr1(stages.unet_denoiser(graphdef), params, schedule,
-                                               self.noising_table("sr1"), text, frames, first,
+                                               self.noising_table("sr1"), _guided(text, s.guidance_scale), frames,
+                                               first,
                                                guidance_scale=s.guidance_scale, noise_level=s.noise_level,
                                                window_size=s.window, stride=s.stride, key=jax.random.fold_in(key, 2),
-                                               dtype=dtype, progress_token=token)  # fmt: skip
+                                               dtype=dtype, progress_token=token, strength=s.strength)  # fmt: skip
                 out = np.asarray(out.astype(jnp.float32))
             self._done_with("sr1")
             return out
@@ -263,10 +278,10 @@ class Show1Pipeline:
             graphdef, params = self.model("sr2")
             vae_graphdef, vae_params = self.model("sr2", "vae")
             schedule = self.scheduler("sr2", s.steps)
-            steps_run = len(schedule.skip(img2img_t_start(len(schedule), s.strength)))
-            with _progress_scope(progress, steps_run) as token:
+            with _progress_scope(progress, _steps_run(schedule, s.strength)) as token:
                 out = stages.video_to_video_sr2(stages.unet_denoiser(graphdef), params, vae_graphdef, vae_params,
-                                                schedule, text, jnp.asarray(uint8), guidance_scale=s.guidance_scale,
+                                                schedule, _guided(text, s.guidance_scale), jnp.asarray(uint8),
+                                                guidance_scale=s.guidance_scale,
                                                 strength=s.strength, key=key, frames_per_chunk=s.decode_chunk,
                                                 dtype=dtype, progress_token=token)  # fmt: skip
                 out = np.asarray(out.astype(jnp.float32))

@@ -324,17 +324,40 @@ def _keys(key: Array | None, n: int) -> list[Array | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def _cfg_labels(noise_level: Array | int, batch: int) -> Array:
-    """Noise levels as class labels for the CFG batch: one per element of both halves (SPEC §1.4)."""
-    return jnp.broadcast_to(jnp.asarray(noise_level, jnp.int32), (2 * batch,))
+def _cfg_labels(noise_level: Array | int, batch: int, guided: bool = True) -> Array:
+    """Noise levels as class labels: one per element of both CFG halves (SPEC §1.4), or of the batch unguided."""
+    return jnp.broadcast_to(jnp.asarray(noise_level, jnp.int32), (2 * batch if guided else batch,))
 
 
-def _check_text(text: Array, batch: int | None = None) -> int:
+def _check_text(text: Array, batch: int | None = None, guided: bool = True) -> int:
+    """The batch size B of ``text``: [2B, L, D] = [negative; positive] with CFG, [B, L, D] without (guidance None)."""
+    if not guided:
+        if text.ndim != 3 or (batch is not None and text.shape[0] != batch):
+            raise ValueError(f"without guidance text must be the prompts' embeddings [B, L, D] (B = {batch}), got "
+                             f"{text.shape}")  # fmt: skip
+        return text.shape[0]
     if text.ndim != 3 or text.shape[0] % 2:
         raise ValueError(f"text must be the CFG batch [2B, L, D] = [negative; positive] (cfg_text), got {text.shape}")
     if batch is not None and text.shape[0] != 2 * batch:
         raise ValueError(f"text has {text.shape[0]} rows, expected 2B = {2 * batch} for a batch of {batch}")
     return text.shape[0] // 2
+
+
+def from_strength(schedule: Schedule, strength: float, noise: Array, start: Array) -> tuple[Schedule, Array]:
+    """Where a conditioned stage's loop starts: (schedule, initial sample).
+
+    ``strength`` 1.0 is the reference: the whole schedule from ``noise`` x init_noise_sigma. Below 1 the loop starts
+    part-way (SDEdit, as SR2's img2img): the schedule's tail ``schedule.skip(img2img_t_start(n, strength))`` from
+    ``start`` (the stage's conditioning frames, e.g. the keyframe blend or the upsampled video) noised to the tail's
+    first timestep with ``noise``. Models whose noise prediction is imprecise at the highest noise levels (small,
+    briefly trained ones such as Show-1 Shapes) lose their conditioning there; starting below them keeps it, in fewer
+    steps.
+    """
+    if strength == 1.0:
+        return schedule, noise * schedule.init_noise_sigma
+    tail = schedule.skip(img2img_t_start(len(schedule), strength))
+    t0 = jnp.broadcast_to(jnp.asarray(tail.timesteps)[0], (noise.shape[0],))
+    return tail, add_noise(noise_tables(tail.config).alphas_cumprod, start.astype(noise.dtype), noise, t0)
 
 
 def _with_channels(x_cfg: Array, cond: dict[str, Any]) -> Array:
@@ -380,7 +403,7 @@ def keyframes(
     Returns:
       [B, F, H, W, 3] (with ``return_trajectory``: and the sample after every step [S, B, F, H, W, 3]).
     """
-    batch = _check_text(text)
+    batch = _check_text(text, guided=guidance_scale is not None)
     dtype = _dtype(dtype, noise)
     if noise is None and shape is None:
         raise ValueError("keyframes draws its noise from key: pass shape=(num_frames, height, width)")
@@ -438,9 +461,13 @@ def _interpolation_windows(
     guidance_scale: Array | float,
     progress_token: Array | None,
     return_trajectory: bool,
+    strength: float = 1.0,
 ):
     # Input channel order [x_t (3), cond (3), mask (1)], the same conditioning for both CFG halves (SPEC §3.4).
-    cond = {"text": text, "channels": interpolation_cond(start, end, x.shape[1]).astype(x.dtype)}
+    channels = interpolation_cond(start, end, x.shape[1]).astype(x.dtype)
+    cond = {"text": text, "channels": channels}
+    if strength != 1.0:  # the reference's init noise is NOT scaled by init_noise_sigma (1 for its DPM schedule)
+        schedule, x = from_strength(schedule, strength, x, channels[..., :3])
     return sample(
         denoise,
         params,
@@ -454,7 +481,7 @@ def _interpolation_windows(
     )
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("num_frames", "dtype", "return_trajectory"))
+@partial(jax.jit, static_argnums=0, static_argnames=("num_frames", "dtype", "return_trajectory", "strength"))
 def interpolation_window(
     denoise: Denoiser,
     params: Any,
@@ -470,6 +497,7 @@ def interpolation_window(
     dtype: DType | None = None,
     progress_token: Array | None = None,
     return_trajectory: bool = False,
+    strength: float = 1.0,
 ) -> Array | tuple[Array, Array]:
     """One window of stage 2, ``TextToVideoIFInterpPipeline`` (SPEC §3.4): two keyframes -> num_frames frames.
 
@@ -482,19 +510,22 @@ def interpolation_window(
       start_frame, end_frame: [B, H, W, 3] keyframes K_i, K_{i+1}.
       guidance_scale: 4.0 in the reference.
       init_noise: [B, num_frames, H, W, 3]; or ``key``.
+      strength: 1.0 (the reference) starts from the noise; below 1, from the keyframe blend noised part-way
+        (:func:`from_strength`).
     Returns:
       [B, num_frames, H, W, 3]: all frames, the two ends included (the model's outputs replace the keyframes).
     """
-    batch = _check_text(text, start_frame.shape[0])
+    batch = _check_text(text, start_frame.shape[0], guidance_scale is not None)
     dtype = _dtype(dtype, start_frame)
     x = _noise_or_draw(init_noise, key, (batch, num_frames, *start_frame.shape[1:]), dtype, "init_noise")
     start, end = start_frame.astype(dtype), end_frame.astype(dtype)
     return _interpolation_windows(
-        denoise, params, schedule, text, start, end, x, guidance_scale, _token(progress_token), return_trajectory
-    )
+        denoise, params, schedule, text, start, end, x, guidance_scale, _token(progress_token), return_trajectory,
+        strength,
+    )  # fmt: skip
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("window_frames", "batched", "dtype"))
+@partial(jax.jit, static_argnums=0, static_argnames=("window_frames", "batched", "dtype", "strength"))
 def interpolate(
     denoise: Denoiser,
     params: Any,
@@ -509,6 +540,7 @@ def interpolate(
     batched: bool = True,
     dtype: DType | None = None,
     progress_token: Array | None = None,
+    strength: float = 1.0,
 ) -> Array:
     """Stage 2 over a whole clip (SPEC §3.4): K keyframes -> (K-1)(window_frames-1) + 1 frames (8 -> 29).
 
@@ -523,13 +555,14 @@ def interpolate(
       keyframes: [B, K, H, W, 3].
       init_noise: [B, window_frames, H, W, 3] shared by all windows; or ``key``.
       progress_token: scalar (batched) or [K-1] (sequential) from ``progress_scope``.
+      strength: as :func:`interpolation_window` (1.0: the reference).
     Returns:
       [B, (K - 1) * (window_frames - 1) + 1, H, W, 3].
     """
     batch, k = keyframes.shape[:2]
     if k < 2:
         raise ValueError(f"interpolation needs at least 2 keyframes, got keyframes of shape {keyframes.shape}")
-    _check_text(text, batch)
+    _check_text(text, batch, guidance_scale is not None)
     dtype = _dtype(dtype, keyframes)
     frames = keyframes.astype(dtype)
     n, windows = window_frames, k - 1
@@ -538,8 +571,11 @@ def interpolate(
     ends = jnp.moveaxis(frames[:, 1:], 1, 0)
     if batched:
         # Row = w * B + b; the text follows the same folding within each CFG half.
-        negative, positive = jnp.split(text, 2, axis=0)
-        text_w = jnp.concatenate([jnp.tile(negative, (windows, 1, 1)), jnp.tile(positive, (windows, 1, 1))], axis=0)
+        if guidance_scale is None:
+            text_w = jnp.tile(text, (windows, 1, 1))
+        else:
+            negative, positive = jnp.split(text, 2, axis=0)
+            text_w = jnp.concatenate([jnp.tile(negative, (windows, 1, 1)), jnp.tile(positive, (windows, 1, 1))], 0)
         x = jnp.tile(noise, (windows, 1, 1, 1, 1))
         fold = lambda a: a.reshape(windows * batch, *a.shape[2:])  # noqa: E731
         out = _interpolation_windows(
@@ -553,6 +589,7 @@ def interpolate(
             guidance_scale,
             _token(progress_token),
             False,
+            strength,
         )
         out = out.reshape(windows, batch, *out.shape[1:])  # [W, B, n, H, W, 3]
     else:
@@ -561,7 +598,7 @@ def interpolate(
         def one(_, xs):
             start, end, token = xs
             return None, _interpolation_windows(
-                denoise, params, schedule, text, start, end, noise, guidance_scale, token, False
+                denoise, params, schedule, text, start, end, noise, guidance_scale, token, False, strength
             )
 
         _, out = jax.lax.scan(one, None, (starts, ends, tokens))
@@ -576,7 +613,7 @@ def interpolate(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("height", "width", "dtype", "return_trajectory"))
+@partial(jax.jit, static_argnums=0, static_argnames=("height", "width", "dtype", "return_trajectory", "strength"))
 def first_frame_sr(
     denoise: Denoiser,
     params: Any,
@@ -596,6 +633,7 @@ def first_frame_sr(
     dtype: DType | None = None,
     progress_token: Array | None = None,
     return_trajectory: bool = False,
+    strength: float = 1.0,
 ) -> Array | tuple[Array, Array]:
     """Stage 3a, diffusers ``IFSuperResolutionPipeline`` with IF-II-L (SPEC §3.5 3a, §4.5): one frame -> high-res.
 
@@ -616,18 +654,21 @@ def first_frame_sr(
       guidance_scale: 4.0 in the reference; noise_level: 150 in the reference.
       init_noise: [B, H, W, 3]; cond_noise: [B, H, W, 3]; step_noise: [S, B, H, W, 3] (entries of t == 0 steps
         unused) or only the steps with t > 0, in order.
+      strength: 1.0 (the reference) starts from the noise; below 1, from the clean upsampled image noised part-way
+        (:func:`from_strength`).
     Returns:
       [B, height, width, 3], the raw sample (no clamp).
     """
-    batch = _check_text(text, image.shape[0])
+    batch = _check_text(text, image.shape[0], guidance_scale is not None)
     dtype = _dtype(dtype, image)
     k_init, k_cond, k_steps = _keys(key, 3)
     shape = (batch, height, width, image.shape[-1])
-    x = _noise_or_draw(init_noise, k_init, shape, dtype, "init_noise") * schedule.init_noise_sigma
-    upscaled = resize_bilinear(image.astype(dtype), (height, width))
-    labels = _cfg_labels(noise_level, batch)
+    x = _noise_or_draw(init_noise, k_init, shape, dtype, "init_noise")
+    clean = resize_bilinear(image.astype(dtype), (height, width))
+    schedule, x = from_strength(schedule, strength, x, clean)
+    labels = _cfg_labels(noise_level, batch, guidance_scale is not None)
     eps = _noise_or_draw(cond_noise, k_cond, shape, dtype, "cond_noise")
-    upscaled = add_noise(noise_alphas_cumprod, upscaled, eps, labels[:batch])
+    upscaled = add_noise(noise_alphas_cumprod, clean, eps, labels[:batch])
     if step_noise is not None:
         step_noise = _per_step_noise(schedule, step_noise.astype(dtype))
     elif k_steps is None:
@@ -677,19 +718,21 @@ def _sr1(
     noise_level: Array | int,
     progress_token: Array | None,
     return_trajectory: bool,
+    strength: float = 1.0,
 ):
     batch = video.shape[0]
-    labels = _cfg_labels(noise_level, batch)
-    upscaled = resize_bilinear(video, x.shape[2:4])  # every frame, [B, F, H, W, 3]
-    upscaled = add_noise(noise_alphas_cumprod, upscaled, eps, labels[:batch])
+    labels = _cfg_labels(noise_level, batch, guidance_scale is not None)
+    clean = resize_bilinear(video, x.shape[2:4])  # every frame, [B, F, H, W, 3]
+    upscaled = add_noise(noise_alphas_cumprod, clean, eps, labels[:batch])
     # Conditioning frame 0 is the CLEAN first_frame_cond although class_labels say noise_level (SPEC §3.5 3b step 4).
     upscaled = upscaled.at[:, 0].set(first_frame_cond)
     cond = {"text": text, "noise_level": labels, "channels": upscaled}
+    schedule, x = from_strength(schedule, strength, x, clean.at[:, 0].set(first_frame_cond))
     return sample(
         denoise,
         params,
         schedule,
-        x * schedule.init_noise_sigma,
+        x,
         cond,
         guidance_scale=guidance_scale,
         model_input_fn=_with_channels,
@@ -698,7 +741,7 @@ def _sr1(
     )
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("dtype", "return_trajectory"))
+@partial(jax.jit, static_argnums=0, static_argnames=("dtype", "return_trajectory", "strength"))
 def sr1_window(
     denoise: Denoiser,
     params: Any,
@@ -716,6 +759,7 @@ def sr1_window(
     dtype: DType | None = None,
     progress_token: Array | None = None,
     return_trajectory: bool = False,
+    strength: float = 1.0,
 ) -> Array | tuple[Array, Array]:
     """One window of stage 3b, ``TextToVideoIFSuperResolutionPipeline_Cond`` (SPEC §3.5 3b).
 
@@ -733,10 +777,12 @@ def sr1_window(
       first_frame_cond: [B, H, W, 3] the high-res frame 0 (sets the output size).
       guidance_scale: 7.0 in the reference; noise_level: 250 in the reference.
       init_noise, cond_noise: [B, F, H, W, 3] each.
+      strength: 1.0 (the reference) starts from the noise; below 1, from the clean upsampled frames (frame 0:
+        ``first_frame_cond``) noised part-way (:func:`from_strength`).
     Returns:
       [B, F, H, W, 3].
     """
-    batch = _check_text(text, video.shape[0])
+    batch = _check_text(text, video.shape[0], guidance_scale is not None)
     dtype = _dtype(dtype, video)
     k_init, k_cond = _keys(key, 2)
     shape = (batch, video.shape[1], *first_frame_cond.shape[1:3], video.shape[-1])
@@ -756,10 +802,11 @@ def sr1_window(
         noise_level,
         _token(progress_token),
         return_trajectory,
+        strength,
     )
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("window_size", "stride", "dtype"))
+@partial(jax.jit, static_argnums=0, static_argnames=("window_size", "stride", "dtype", "strength"))
 def super_resolve_sr1(
     denoise: Denoiser,
     params: Any,
@@ -778,6 +825,7 @@ def super_resolve_sr1(
     key: Array | None = None,
     dtype: DType | None = None,
     progress_token: Array | None = None,
+    strength: float = 1.0,
 ) -> Array:
     """Stage 3b over the clip (SPEC §3.5): windows [i*stride, i*stride + window_size), one after another.
 
@@ -790,12 +838,13 @@ def super_resolve_sr1(
       init_noise, cond_noise: [n_windows, B, window_size, H, W, 3] each (the reference's two draws per window);
         or ``key``: window i uses ``fold_in(key, i)`` as ``sr1_window``'s key.
       progress_token: [n_windows] tokens from ``progress_scope(..., windows=n_windows)``.
+      strength: as :func:`sr1_window` (1.0: the reference).
     Returns:
       [B, N, H, W, 3].
     """
     batch, num_frames = video.shape[:2]
     windows = _check_sr1_windows(num_frames, window_size, stride)
-    _check_text(text, batch)
+    _check_text(text, batch, guidance_scale is not None)
     dtype = _dtype(dtype, video)
     height, width = first_frame.shape[1:3]
     shape = (windows, batch, window_size, height, width, video.shape[-1])
@@ -831,6 +880,7 @@ def super_resolve_sr1(
             noise_level,
             token,
             False,
+            strength,
         )
         return jax.lax.dynamic_update_slice_in_dim(out, frames, start, axis=1), None
 
@@ -901,7 +951,7 @@ def video_to_video_sr2(
     """
     if frames.dtype != jnp.uint8 or frames.ndim != 5:
         raise ValueError(f"SR2 takes uint8 frames [B, F, H, W, 3] (video_to_uint8), got {frames.dtype} {frames.shape}")
-    batch = _check_text(text, frames.shape[0])
+    batch = _check_text(text, frames.shape[0], guidance_scale is not None)
     vae = nnx.merge(vae_graphdef, vae_params)
     n = len(schedule) if num_inference_steps is None else num_inference_steps
     tail = schedule.skip(img2img_t_start(n, strength))

@@ -1110,6 +1110,9 @@ def build_objective(
     stage = settings.stage
     preset = _stage_scheduler_preset(stage)
     sched = _scheduler_config(settings.diffusion.scheduler, settings.model.pretrained, "scheduler", preset)
+    if settings.diffusion.prediction_type and settings.diffusion.prediction_type != sched.prediction_type:
+        # The exported scheduler must say what the model now predicts, or sampling reads its output wrongly.
+        sched = dataclasses.replace(sched, prediction_type=settings.diffusion.prediction_type)
     tables = DiffusionTables.from_scheduler(sched)
     schedulers = {"scheduler": sched}
     noising, low_res = None, SR1Settings()

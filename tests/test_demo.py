@@ -25,13 +25,20 @@ def test_split_holds_out_unseen_triples():
 
 
 def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
-    for stage in demo.STAGES:
-        settings = demo.stage_settings(stage, tmp_path, steps_scale=0.5)
-        full = demo.stage_settings(stage, tmp_path)
-        assert settings.stage == stage and settings.steps == max(1, round(full.steps * 0.5))
-        assert Path(settings.workdir) == tmp_path / "runs" / stage
+    for run in demo.STAGES:
+        settings = demo.stage_settings(run, tmp_path, steps_scale=0.5)
+        full = demo.stage_settings(run, tmp_path)
+        assert settings.stage == run.removesuffix("_v").removesuffix("_more")
+        assert settings.steps == max(1, round(full.steps * 0.5))
+        assert Path(settings.workdir) == tmp_path / "runs" / run
         assert Path(settings.data.source) == tmp_path / "clips"
-    assert demo.stage_settings("sr2", tmp_path).model.vae == str(tmp_path / "runs" / "vae" / "vae")
+        assert Path(settings.data.build_dir) == tmp_path / "data" / settings.stage  # one dataset per trainer stage
+    # finetunes start from their parent's export; the switched keyframe model exports a v-prediction scheduler
+    v = demo.stage_settings("keyframes_v", tmp_path)
+    assert v.model.pretrained == str(tmp_path / "runs" / "keyframes" / "unet") and v.model.config is None
+    assert v.diffusion.prediction_type == "v_prediction"
+    assert demo.stage_settings("vae_more", tmp_path).model.pretrained == str(tmp_path / "runs" / "vae" / "vae")
+    assert demo.stage_settings("sr2", tmp_path).model.vae == str(tmp_path / "runs" / "vae_more" / "vae")
     assert demo.stage_settings("sr2", tmp_path).data.text_encoder.endswith("show-1-sr2/text_encoder")
     assert demo.stage_settings("keyframes", tmp_path).data.text_encoder.endswith("show-1-base/text_encoder")
     assert demo.stage_settings("keyframes", tmp_path, overrides=["steps=3"]).steps == 3
@@ -42,17 +49,17 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
 def fake_runs(workdir: Path) -> None:
     """Random models where a finished recipe leaves its trained ones (plus the recipe's text encoders)."""
     models = {
-        "keyframes": (UNet3DConditionModel, TINY_BASE),
+        "keyframes_v": (UNet3DConditionModel, TINY_BASE),
         "interpolation": (UNet3DConditionModel, TINY_INTERP),
         "first_frame": (UNet2DConditionModel, TINY_IF2),
         "sr1": (UNet3DConditionModel, TINY_SR1),
         "sr2": (UNet3DConditionModel, TINY_SR2),
-        "vae": (AutoencoderKL, TINY_VAE),
+        "vae_more": (AutoencoderKL, TINY_VAE),
     }
     for i, (stage, (cls, config)) in enumerate(models.items()):
         run = workdir / "runs" / stage
         save_converted(random_model(cls, config, seed=i), run / demo.REPOS[stage][1])
-        if stage != "vae":
+        if stage != "vae_more":
             (run / "scheduler").mkdir(parents=True)
             (run / "scheduler" / "scheduler_config.json").write_text("{}")
     demo.write_text_encoders(workdir / "text")
@@ -64,8 +71,8 @@ def test_assemble_writes_the_released_layout_in_float16(tmp_path):
     assert not (tmp_path / "out").exists()
     fake_runs(tmp_path)
     out = demo.assemble(tmp_path, tmp_path / "out")
-    for stage, (repo, component) in demo.REPOS.items():
-        trained = flat_params(load_component(tmp_path / "runs" / stage / component, dtype=jnp.float32))
+    for run, (repo, component) in demo.REPOS.items():
+        trained = flat_params(load_component(tmp_path / "runs" / run / component, dtype=jnp.float32))
         shipped = flat_params(load_component(out / repo / component, dtype=jnp.float32))  # the converted path
         assert trained.keys() == shipped.keys()
         for key, value in trained.items():  # float16 copies of the trained weights
@@ -79,6 +86,9 @@ def test_assemble_writes_the_released_layout_in_float16(tmp_path):
     assert sorted(map(tuple, info["held_out"])) == sorted(map(tuple, demo.split().held_out))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert size < 25 * 2**20  # what may ship in the repository
+    assert (out / "generate.yaml").read_text() == demo.GENERATE_CONFIG.read_text()  # its settings travel with it
+    assert demo.generate_config(out) == out / "generate.yaml"
+    assert demo.generate_config(tmp_path) == demo.GENERATE_CONFIG
     weights = dict(o.split("=", 1) for o in demo.weight_overrides(out))
     assert weights["weights.first_frame"] == str((out / "IF-II-L").resolve())
 
@@ -109,3 +119,21 @@ def test_generate_defaults_to_the_shipped_model_only_without_weights(tmp_path, m
     with pytest.raises(Stop):
         cli.cmd_generate(parser.parse_args(["generate", "x", "--output", str(tmp_path / "o")]))
     assert chosen["config"].endswith("show1.yaml")
+
+
+def test_generate_keeps_compiled_programs_in_a_cache_folder(tmp_path, monkeypatch):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("SHOW1_COMPILATION_CACHE", "0")
+        assert cli.use_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("SHOW1_COMPILATION_CACHE", str(tmp_path / "xla"))
+        assert cli.use_compilation_cache() == tmp_path / "xla"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
+        monkeypatch.setenv("SHOW1_COMPILATION_CACHE", str(tmp_path / "other"))  # a folder already chosen is kept
+        assert cli.use_compilation_cache() is None and jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

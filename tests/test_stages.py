@@ -32,6 +32,7 @@ from golden import load_npz, rel_err, to_jax_layout
 from show1_jax import load_component, stages
 from show1_jax import schedulers as S
 from show1_jax.loading import abstract_model
+from show1_jax.sampler import sample
 from show1_jax.unet3d import UNetConfig
 
 STEP_TOL = 1e-6  # (a): latents after every step, float64 trace replay
@@ -515,3 +516,79 @@ def test_keyframes_key_draws_dropout_and_progress():
     assert not np.allclose(d, f, atol=1e-4)
     with pytest.raises(ValueError, match="shape="):
         stages.keyframes(denoise, params, schedule, text, guidance_scale=9.0, key=jax.random.key(0))
+
+
+def test_guidance_none_is_the_conditional_prediction_alone():
+    """guidance_scale=None runs one UNet pass per step on the prompts' embeddings [B, L, D]: the same frames as CFG at
+    scale 1 (eps_u + 1 * (eps_c - eps_u) = eps_c, the variance from the conditional half), for the batched
+    interpolation windows and the SR1 windows with their noise-level labels; a CFG batch without guidance is refused."""
+    rng = np.random.default_rng(2)
+    schedule = _pixel_schedule(2)
+    batch, h, w = 2, 6, 8
+    text = _text(rng, batch)
+    positive = text[batch:]
+
+    denoise, params = _tiny_unet(7, noise_level=False)
+    frames = jnp.asarray(rng.uniform(-1, 1, (batch, 3, h, w, 3)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((batch, 5, h, w, 3)), jnp.float32)
+    interp = lambda t, g: np.asarray(  # noqa: E731
+        stages.interpolate(denoise, params, schedule, t, frames, guidance_scale=g, init_noise=noise)
+    )
+    unguided = interp(positive, None)
+    np.testing.assert_allclose(unguided, interp(text, 1.0), rtol=0, atol=1e-5)
+    assert not np.allclose(unguided, interp(text, 4.0), atol=1e-3)
+    with pytest.raises(ValueError, match=r"without guidance text must be the prompts' embeddings \[B, L, D\]"):
+        interp(text, None)
+
+    denoise, params = _tiny_unet(6, noise_level=True)
+    video = jnp.asarray(rng.uniform(-1, 1, (batch, 8, 4, 6, 3)), jnp.float32)
+    first = jnp.asarray(rng.uniform(-1, 1, (batch, h, w, 3)), jnp.float32)
+    init_noise = jnp.asarray(rng.standard_normal((1, batch, 8, h, w, 3)), jnp.float32)
+    cond_noise = jnp.asarray(rng.standard_normal((1, batch, 8, h, w, 3)), jnp.float32)
+    alphas = jnp.asarray(S.noise_tables(S.DDPMConfig(beta_schedule="squaredcos_cap_v2")).alphas_cumprod)
+    sr1 = lambda t, g: np.asarray(  # noqa: E731
+        stages.super_resolve_sr1(denoise, params, schedule, alphas, t, video, first, guidance_scale=g,
+                                 noise_level=250, init_noise=init_noise, cond_noise=cond_noise)
+    )  # fmt: skip
+    np.testing.assert_allclose(sr1(positive, None), sr1(text, 1.0), rtol=0, atol=1e-5)
+
+
+def test_strength_starts_the_conditioned_stages_part_way_from_their_conditioning():
+    """strength < 1 (SDEdit): the schedule's img2img tail from the conditioning frames noised to its first timestep,
+    so the loop never sees the highest noise levels; strength 1 is the reference (pure noise, every step)."""
+    rng = np.random.default_rng(3)
+    schedule = _pixel_schedule(8)
+    batch, h, w = 1, 6, 8
+    text = _text(rng, batch)
+    noise = jnp.asarray(rng.standard_normal((batch, 5, h, w, 3)), jnp.float32)
+    start = jnp.asarray(rng.uniform(-1, 1, (batch, 5, h, w, 3)), jnp.float32)
+
+    same, x = stages.from_strength(schedule, 1.0, noise, start)
+    assert same is schedule
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(noise * schedule.init_noise_sigma))
+    tail, x = stages.from_strength(schedule, 0.5, noise, start)
+    assert len(tail) == 4
+    np.testing.assert_array_equal(np.asarray(tail.timesteps), np.asarray(schedule.timesteps)[4:])
+    t0 = int(np.asarray(tail.timesteps)[0])
+    abar = float(S.noise_tables(tail.config).alphas_cumprod[t0])
+    np.testing.assert_allclose(np.asarray(x), np.sqrt(abar) * start + np.sqrt(1 - abar) * noise, rtol=1e-6, atol=1e-6)
+
+    # interpolation: the start is the keyframe blend; the window then runs the tail's 4 steps, not 8
+    denoise, params = _tiny_unet(7, noise_level=False)
+    frames = jnp.asarray(rng.uniform(-1, 1, (batch, 2, h, w, 3)), jnp.float32)
+    blend = stages.interpolation_cond(frames[:, 0], frames[:, 1], 5)
+    expected = sample(
+        denoise, params, tail, stages.from_strength(schedule, 0.5, noise, blend[..., :3])[1],
+        {"text": text, "channels": blend}, guidance_scale=4.0, model_input_fn=stages._with_channels,
+    )  # fmt: skip
+    seen = []
+    with stages.progress_scope(lambda done, total: seen.append(done), len(tail)) as token:
+        got = stages.interpolation_window(
+            denoise, params, schedule, text, frames[:, 0], frames[:, 1], guidance_scale=4.0, init_noise=noise,
+            strength=0.5, progress_token=token,
+        )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5)
+    assert sorted(seen) == [1, 2, 3, 4]
+    full = stages.interpolation_window(denoise, params, schedule, text, frames[:, 0], frames[:, 1],
+                                       guidance_scale=4.0, init_noise=noise)  # fmt: skip
+    assert not np.allclose(np.asarray(full), np.asarray(got), atol=1e-3)

@@ -646,3 +646,15 @@ def test_single_frame_stages_refuse_models_and_settings_that_do_not_fit(workspac
                 f"model.config={json_config('vae16', 'AutoencoderKL', vae16)}",
             )
         )
+
+
+def test_a_changed_prediction_type_is_what_the_exported_scheduler_says(workspace, tmp_path):
+    """diffusion.prediction_type overrides the schedule's; the scheduler written beside the UNet must say so, or the
+    pipeline would read a v-prediction model's output as noise."""
+    from show1_jax.train import build_objective
+
+    plain, _, schedulers, _ = build_objective(micro_settings(workspace, tmp_path / "a"), None)
+    assert plain.prediction_type == schedulers["scheduler"].prediction_type == "epsilon"
+    settings = micro_settings(workspace, tmp_path / "b", "diffusion.prediction_type=v_prediction")
+    objective, _, schedulers, _ = build_objective(settings, None)
+    assert objective.prediction_type == schedulers["scheduler"].prediction_type == "v_prediction"
