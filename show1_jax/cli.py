@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -32,27 +31,6 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def _split_prompts_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     prompts = [x for x in items if not _OVERRIDE.match(x)]
     return prompts, [x for x in items if _OVERRIDE.match(x)]
-
-
-def use_compilation_cache() -> Path | None:
-    """Keep XLA's compiled programs on disk between runs (``$SHOW1_COMPILATION_CACHE``, default
-    ``~/.cache/show1_jax/xla``; ``0`` turns it off), so that a second ``show1 generate`` with the same shapes skips
-    compiling. Left alone when JAX's own ``JAX_COMPILATION_CACHE_DIR`` is set."""
-    import jax
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
-        return None
-    where = os.environ.get("SHOW1_COMPILATION_CACHE", "")
-    if where == "0":
-        return None
-    path = Path(where) if where else Path.home() / ".cache" / "show1_jax" / "xla"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"warning: no compilation cache ({err}); set SHOW1_COMPILATION_CACHE to a writable folder or 0")
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    return path
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -122,7 +100,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings = load_settings(GenerateSettings, config or str(REPO_CONFIGS / "show1.yaml"), overrides)
     if not prompts:
         raise ValueError("no prompt given: pass a prompt (or --prompts-file)")
-    use_compilation_cache()
     pipe = Show1Pipeline(Weights(**vars(settings.weights)), dtype=DTYPES[settings.dtype], cache_dir=args.cache_dir)
 
     def bar(stage: str):

@@ -119,21 +119,3 @@ def test_generate_defaults_to_the_shipped_model_only_without_weights(tmp_path, m
     with pytest.raises(Stop):
         cli.cmd_generate(parser.parse_args(["generate", "x", "--output", str(tmp_path / "o")]))
     assert chosen["config"].endswith("show1.yaml")
-
-
-def test_generate_keeps_compiled_programs_in_a_cache_folder(tmp_path, monkeypatch):
-    import jax
-
-    before = jax.config.jax_compilation_cache_dir
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        monkeypatch.setenv("SHOW1_COMPILATION_CACHE", "0")
-        assert cli.use_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
-        monkeypatch.setenv("SHOW1_COMPILATION_CACHE", str(tmp_path / "xla"))
-        assert cli.use_compilation_cache() == tmp_path / "xla"
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
-        monkeypatch.setenv("SHOW1_COMPILATION_CACHE", str(tmp_path / "other"))  # a folder already chosen is kept
-        assert cli.use_compilation_cache() is None and jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
