@@ -81,8 +81,10 @@ SCHEDULER_FOLDERS = ("scheduler", "image_noising_scheduler")
 
 
 def component(run: str) -> str:
-    """The folder a run exports its model to (``vae`` or ``unet``)."""
-    return "vae" if run.startswith("vae") else "unet"
+    """The folder a run exports its model to: ``vae`` for a run of trainer stage ``vae``, else ``unet``."""
+    from show1_jax.settings import read_yaml
+
+    return "vae" if read_yaml(SHAPES_CONFIGS / f"train_{run}.yaml")["stage"] == "vae" else "unet"
 
 
 def split(config: SyntheticConfig = DATASET):
@@ -192,7 +194,7 @@ def train_recipe(
     timings = {}
     for stage in stages:
         settings = stage_settings(stage, workdir, steps_scale=steps_scale, overrides=overrides)
-        exported = Path(settings.workdir) / component(stage)
+        exported = Path(settings.workdir) / ("vae" if settings.stage == "vae" else "unet")
         if (exported / "config.json").is_file():
             log(f"{stage}: using the trained model in {exported}")
             continue
