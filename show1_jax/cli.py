@@ -141,18 +141,31 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{weights} is not a Show-1 Shapes folder: train one with `show1 shapes train`")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     combos = list(getattr(demo.split(), args.split))
-    reports = {"model": demo.evaluate(weights, combos, seeds=seeds, overrides=args.overrides)}
+    per_stage = demo.evaluate_stages(weights, combos, seeds=seeds, overrides=args.overrides)
+    final = list(per_stage)[-1]
+    reports = {"model": per_stage[final]}
     if not args.no_floor:
         with tempfile.TemporaryDirectory() as tmp:
             floor = demo.random_cascade(Path(tmp) / "untrained")
-            reports["untrained (floor)"] = demo.evaluate(floor, combos, seeds=seeds, overrides=args.overrides)
-    frames, height, width = 29, *demo.stage_size(args.overrides)
+            reports["untrained (floor)"] = demo.evaluate(
+                floor, combos, seeds=seeds, overrides=args.overrides, stage=final
+            )
+    frames, height, width = 29, *demo.stage_size(args.overrides, weights)
     reports["real clips (ceiling)"] = demo.ceiling(combos, n_per_combo=len(seeds), size=(height, width))
     print(f"{len(combos)} {args.split.replace('_', '-')} prompts x {len(seeds)} seeds, {frames} frames at "
           f"{height}x{width}")  # fmt: skip
     print(f"{'':>22} {'colour':>7} {'shape':>7} {'direction':>9} {'overall':>8}")
     for name, r in reports.items():
         print(f"{name:>22} {r['colour']:7.1%} {r['shape']:7.1%} {r['direction']:9.1%} {r['overall']:8.1%}")
+    if args.per_stage:
+        real = demo.evaluate_real_inputs(weights, combos, seeds=seeds, overrides=args.overrides)
+        print("per stage (the metric on real clips is 100% at every stage's size):")
+        rows = {f"{s} (prompts)": r for s, r in per_stage.items()}
+        rows.update({f"{s} (real input)": r for s, r in real.items()})
+        for name, r in rows.items():
+            print(f"{name:>26} {r['colour']:7.1%} {r['shape']:7.1%} {r['direction']:9.1%} {r['overall']:8.1%}")
+        reports["per stage, from the prompts"] = per_stage
+        reports["per stage, fed real clips"] = real
     if args.report:
         Path(args.report).write_text(json.dumps(reports, indent=2, default=str))
     return 0
@@ -226,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", choices=["held_out", "train"], default="held_out", help="which prompts to generate")
     q.add_argument("--no-floor", action="store_true", help="skip the untrained cascade (the floor)")
     q.add_argument("--report", default=None, help="also write the reports as JSON here")
+    q.add_argument("--per-stage", action="store_true",
+                   help="also score every stage's frames, and each later stage fed real clips instead of the previous"
+                   " stage's output (which stage loses what)")  # fmt: skip
     q.set_defaults(func=cmd_shapes_eval)
 
     p = sub.add_parser("convert", help="convert released PyTorch folders into show1-jax's format")

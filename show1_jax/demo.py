@@ -261,6 +261,49 @@ def random_cascade(root: str | Path, *, seed: int = 1) -> Path:
     return root
 
 
+def _score(videos: Sequence[tuple[np.ndarray, Combination]]) -> dict[str, Any]:
+    from show1_jax.data.alignment import evaluate as score
+
+    return score(videos, colours=DATASET.colours, shapes=DATASET.shapes, directions=DATASET.directions)
+
+
+def _pipeline(weights: str | Path, overrides: Sequence[str]):
+    from show1_jax.generate_settings import GenerateSettings, Weights
+    from show1_jax.pipeline import Show1Pipeline
+    from show1_jax.settings import load_settings
+
+    settings = load_settings(GenerateSettings, generate_config(weights), [*weight_overrides(weights), *overrides])
+    return settings, Show1Pipeline(Weights(**dataclasses.asdict(settings.weights)), dtype=jnp.float32, keep_loaded=True)
+
+
+def evaluate_stages(
+    weights: str | Path,
+    combos: Sequence[Combination],
+    *,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Generate one video per (combination, seed) with the cascade in ``weights`` and score every stage it runs.
+
+    Returns {stage: :func:`show1_jax.data.alignment.evaluate`'s report (per-attribute and overall accuracy,
+    confusions) of that stage's frames, plus ``"seconds"``, the whole run's time}.
+    """
+    from show1_jax.stages import video_to_uint8
+
+    settings, pipe = _pipeline(weights, overrides)
+    start = time.perf_counter()
+    prompts = [caption_for(c, DATASET.caption_template) for c in combos]
+    videos: dict[str, list] = {stage: [] for stage in settings.stages}
+    for seed in seeds:
+        out = pipe(prompts, dataclasses.replace(settings, seed=int(seed)))
+        for stage, frames in out.items():
+            videos[stage] += list(zip(video_to_uint8(np.asarray(frames)), combos))
+        log(f"seed {seed}: {len(combos)} videos")
+    seconds = time.perf_counter() - start
+    return {stage: {**_score(v), "seconds": seconds} for stage, v in videos.items()}
+
+
 def evaluate(
     weights: str | Path,
     combos: Sequence[Combination],
@@ -270,31 +313,68 @@ def evaluate(
     stage: str = "sr2",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Generate one video per (combination, seed) with the cascade in ``weights`` and score it from its pixels.
+    """:func:`evaluate_stages`'s report of one stage (the final video by default)."""
+    reports = evaluate_stages(weights, combos, seeds=seeds, overrides=overrides, log=log)
+    if stage not in reports:
+        raise ValueError(f"stage {stage} is not run by these settings (stages: {list(reports)})")
+    return reports[stage]
 
-    Returns :func:`show1_jax.data.alignment.evaluate`'s report (per-attribute and overall accuracy, confusions)
-    plus ``"seconds"``.
+
+def real_stage_inputs(
+    combos: Sequence[Combination], settings: Any, *, seed: int = 0
+) -> tuple[list[Combination], dict[str, np.ndarray]]:
+    """Real dataset clips of ``combos`` shaped as each later stage's input under the generate ``settings``.
+
+    Returns (the clips' combinations, {stage: float frames in [-1, 1]}): ``interpolation`` gets K keyframes at the
+    keyframe size (every (window - 1)-th frame of a (K - 1)(window - 1) + 1 frame clip), ``sr1`` all those frames at
+    the keyframe size, ``sr2`` at SR1's size; resized with PIL bicubic as the training datasets are.
     """
-    from show1_jax.data.alignment import evaluate as score
-    from show1_jax.generate_settings import GenerateSettings, Weights
-    from show1_jax.pipeline import Show1Pipeline
-    from show1_jax.settings import load_settings
+    from show1_jax.data.synthetic import clip_specs, render_clip
+    from show1_jax.data.videos import resize_frames
+
+    k, step = settings.keyframes.num_frames, 4  # Show-1's interpolation windows hold 5 frames (3 new per pair)
+    config = dataclasses.replace(DATASET, num_frames=(k - 1) * step + 1)
+    specs = clip_specs(len(combos), config, combinations=combos, seed=seed)
+    clips = [render_clip(spec, config) for spec in specs]
+
+    def sized(height: int, width: int) -> np.ndarray:
+        frames = np.stack([resize_frames(c, height, width, crop="none") for c in clips])
+        return frames.astype(np.float32) / 127.5 - 1.0
+
+    small = sized(settings.keyframes.height, settings.keyframes.width)
+    inputs = {"interpolation": small[:, ::step], "sr1": small, "sr2": sized(settings.sr1.height, settings.sr1.width)}
+    return [spec.combination for spec in specs], inputs
+
+
+def evaluate_real_inputs(
+    weights: str | Path,
+    combos: Sequence[Combination],
+    *,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Each later stage alone, fed real clips (:func:`real_stage_inputs`) in place of the previous stage's output.
+
+    Shows which stage loses what: the metric on real inputs is 100%, so a stage's score here is its own loss.
+    Per seed, fresh clip positions and sampling noise. Returns {stage: report plus ``"seconds"``}.
+    """
     from show1_jax.stages import video_to_uint8
 
-    settings = load_settings(GenerateSettings, generate_config(weights), [*weight_overrides(weights), *overrides])
-    pipe = Show1Pipeline(Weights(**dataclasses.asdict(settings.weights)), dtype=jnp.float32, keep_loaded=True)
-    start = time.perf_counter()
-    videos = []
+    settings, pipe = _pipeline(weights, overrides)
+    videos: dict[str, list] = {}
+    seconds: dict[str, float] = {}
     for seed in seeds:
         run = dataclasses.replace(settings, seed=int(seed))
-        prompts = [caption_for(c, DATASET.caption_template) for c in combos]
-        frames = pipe(prompts, run)[stage]
-        for combo, video in zip(combos, video_to_uint8(np.asarray(frames))):
-            videos.append((video, combo))
-        log(f"seed {seed}: {len(combos)} videos")
-    report = score(videos, colours=DATASET.colours, shapes=DATASET.shapes, directions=DATASET.directions)
-    report["seconds"] = time.perf_counter() - start
-    return report
+        drawn, inputs = real_stage_inputs(combos, run, seed=int(seed))
+        prompts = [caption_for(c, DATASET.caption_template) for c in drawn]
+        for stage, frames in inputs.items():
+            start = time.perf_counter()
+            out = pipe.run_stage(stage, frames, prompts, run)
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+            videos.setdefault(stage, []).extend(zip(video_to_uint8(np.asarray(out)), drawn))
+        log(f"seed {seed}: {len(combos)} clips through {', '.join(inputs)}")
+    return {stage: {**_score(v), "seconds": seconds[stage]} for stage, v in videos.items()}
 
 
 def ceiling(combos: Sequence[Combination], *, n_per_combo: int = 2, size: tuple[int, int] | None = None) -> dict:
@@ -305,11 +385,11 @@ def ceiling(combos: Sequence[Combination], *, n_per_combo: int = 2, size: tuple[
     return real_ceiling(config, combos, n_per_combo=n_per_combo, seed=1, size=size)
 
 
-def stage_size(overrides: Sequence[str] = ()) -> tuple[int, int]:
-    """(height, width) of the final (SR2) video under the generate settings and ``overrides``."""
+def stage_size(overrides: Sequence[str] = (), root: str | Path = DEFAULT_WEIGHTS) -> tuple[int, int]:
+    """(height, width) of the final (SR2) video under the generate settings of the folder ``root`` and
+    ``overrides``."""
     from show1_jax.generate_settings import GenerateSettings
     from show1_jax.settings import load_settings
 
-    config = generate_config(DEFAULT_WEIGHTS)
-    settings = load_settings(GenerateSettings, config, [*weight_overrides(DEFAULT_WEIGHTS), *overrides])
+    settings = load_settings(GenerateSettings, generate_config(root), [*weight_overrides(root), *overrides])
     return settings.sr2.height, settings.sr2.width

@@ -119,3 +119,87 @@ def test_generate_defaults_to_the_shipped_model_only_without_weights(tmp_path, m
     with pytest.raises(Stop):
         cli.cmd_generate(parser.parse_args(["generate", "x", "--output", str(tmp_path / "o")]))
     assert chosen["config"].endswith("show1.yaml")
+
+
+def _demo_settings(tmp_path):
+    from show1_jax.generate_settings import GenerateSettings
+    from show1_jax.settings import load_settings
+
+    return load_settings(GenerateSettings, demo.GENERATE_CONFIG, demo.weight_overrides(tmp_path))
+
+
+def test_real_stage_inputs_are_each_stage_input_and_score_full_marks(tmp_path):
+    from show1_jax.stages import video_to_uint8
+
+    settings = _demo_settings(tmp_path)
+    combos = list(demo.split().held_out)[:6]
+    drawn, inputs = demo.real_stage_inputs(combos, settings, seed=3)
+    assert sorted(drawn) == sorted(combos)
+    kf = settings.keyframes
+    assert inputs["interpolation"].shape == (6, kf.num_frames, kf.height, kf.width, 3)
+    assert inputs["sr1"].shape == (6, (kf.num_frames - 1) * 4 + 1, kf.height, kf.width, 3)
+    assert inputs["sr2"].shape == (6, (kf.num_frames - 1) * 4 + 1, settings.sr1.height, settings.sr1.width, 3)
+    np.testing.assert_array_equal(inputs["interpolation"], inputs["sr1"][:, ::4])
+    for frames in inputs.values():
+        assert frames.dtype == np.float32 and -1.0 <= frames.min() and frames.max() <= 1.0
+        assert demo._score(list(zip(video_to_uint8(frames), drawn)))["overall"] == 1.0
+    assert demo.real_stage_inputs(combos, settings, seed=4)[1]["sr1"].tobytes() != inputs["sr1"].tobytes()
+
+
+def test_evaluate_real_inputs_feeds_each_stage_its_real_clips_with_their_prompts(tmp_path, monkeypatch):
+    settings = _demo_settings(tmp_path)
+    calls = []
+
+    class EchoPipe:  # returns its input: real clips score 100%, a stage that loses nothing
+        def run_stage(self, stage, frames, prompts, run):
+            calls.append((stage, frames.shape, list(prompts), run.seed))
+            return frames[:, :, :, ::-1] if stage == "sr2" else frames  # SR2 mirrors left-right: direction wrong
+
+    monkeypatch.setattr(demo, "_pipeline", lambda weights, overrides: (settings, EchoPipe()))
+    combos = list(demo.split().held_out)[:5]
+    reports = demo.evaluate_real_inputs(tmp_path, combos, seeds=(0, 1), log=lambda m: None)
+    assert [c[0] for c in calls] == ["interpolation", "sr1", "sr2"] * 2 and [c[3] for c in calls[::3]] == [0, 1]
+    for seed in (0, 1):
+        drawn, _ = demo.real_stage_inputs(combos, settings, seed=seed)
+        assert calls[3 * seed][2] == [demo.caption_for(c, demo.DATASET.caption_template) for c in drawn]
+    assert reports["interpolation"]["overall"] == reports["sr1"]["overall"] == 1.0
+    assert reports["sr2"]["colour"] == reports["sr2"]["shape"] == 1.0
+    horizontal = sum(c.direction in ("left", "right") for c in combos) / len(combos)
+    assert reports["sr2"]["direction"] == pytest.approx(1.0 - horizontal)
+
+
+def test_shapes_eval_prints_the_final_stage_floor_ceiling_and_per_stage_tables(tmp_path, monkeypatch, capsys):
+    def report(overall):
+        return {"colour": overall, "shape": overall, "direction": overall, "overall": overall}
+
+    weights = tmp_path / "shapes"
+    weights.mkdir()
+    (weights / "show1_shapes.json").write_text("{}")
+    seen = {}
+
+    def stages(w, combos, *, seeds, overrides):
+        seen["model"] = (Path(w), len(combos), list(seeds), list(overrides))
+        return {"keyframes": report(0.9), "interpolation": report(0.8), "sr1": report(0.7), "sr2": report(0.6)}
+
+    def floor(w, combos, *, seeds, overrides, stage):
+        seen["floor_stage"] = stage
+        return report(0.1)
+
+    monkeypatch.setattr(demo, "evaluate_stages", stages)
+    monkeypatch.setattr(demo, "evaluate", floor)
+    monkeypatch.setattr(demo, "random_cascade", lambda root: root)
+    monkeypatch.setattr(demo, "ceiling", lambda combos, n_per_combo, size: {**report(1.0), "size": size})
+    monkeypatch.setattr(demo, "evaluate_real_inputs", lambda *a, **k: {"sr2": report(0.95)})
+    out = tmp_path / "report.json"
+    args = ["shapes", "eval", "sr2.steps=4", "--weights", str(weights), "--seeds", "0,2", "--report", str(out)]
+    assert cli.main(args + ["--per-stage"]) == 0
+    printed = capsys.readouterr().out
+    assert seen["model"] == (weights, len(demo.split().held_out), [0, 2], ["sr2.steps=4"])
+    assert seen["floor_stage"] == "sr2"
+    assert "60.0%" in printed.splitlines()[2] and "10.0%" in printed and "100.0%" in printed
+    assert "keyframes (prompts)" in printed and "95.0%" in printed.split("sr2 (real input)")[1].splitlines()[0]
+    saved = json.loads(out.read_text())
+    assert saved["model"]["overall"] == 0.6 and saved["real clips (ceiling)"]["size"] == [80, 128]
+    assert saved["per stage, fed real clips"]["sr2"]["overall"] == 0.95
+    assert cli.main(args + ["--no-floor"]) == 0
+    assert "per stage" not in capsys.readouterr().out and "per stage, fed real clips" not in json.loads(out.read_text())
