@@ -31,6 +31,9 @@ class Keyframes:
     steps: int = 75
     guidance_scale: float | None = 9.0
     train_mode_dropout: bool = False  # the reference script's train-mode temporal dropout (SPEC.md §1.6)
+    # > 0: the frames share this part of the initial noise (schedulers.frame_correlated_noise), for a base model
+    # trained with diffusion.frame_noise_correlation; 0 (the reference): independent frames.
+    frame_noise_correlation: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +117,11 @@ class GenerateSettings:
             strength = getattr(self, name).strength
             if not 0 < strength <= 1:
                 raise ValueError(f"{name}.strength must be in (0, 1], got {strength} (1.0 starts from pure noise)")
+        if not 0 <= self.keyframes.frame_noise_correlation < 1:
+            raise ValueError(
+                f"keyframes.frame_noise_correlation must be in [0, 1), got {self.keyframes.frame_noise_correlation}"
+                " (0: independent frames, the reference)"
+            )
         for name in ("keyframes", "interpolation", "first_frame", "sr1", "sr2"):
             if getattr(self, name).steps < 1:
                 raise ValueError(f"{name}.steps must be at least 1")

@@ -224,7 +224,8 @@ class Show1Pipeline:
                                        _guided(text, s.guidance_scale), guidance_scale=s.guidance_scale, key=key,
                                        dtype=dtype,
                                        shape=(s.num_frames, s.height, s.width), dropout_key=dropout_key,
-                                       progress_token=token)  # fmt: skip
+                                       progress_token=token,
+                                       frame_noise_correlation=s.frame_noise_correlation)  # fmt: skip
                 out = np.asarray(out.astype(jnp.float32))
             self._done_with("base")
             return out

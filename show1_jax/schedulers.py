@@ -517,6 +517,28 @@ def _per_batch(coef: jax.Array, ndim: int) -> jax.Array:
     return coef.reshape(coef.shape + (1,) * (ndim - coef.ndim))
 
 
+def frame_correlated_noise(
+    key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32, correlation: float = 0.0
+) -> jax.Array:
+    """Standard normal noise for videos [B, F, ...] whose frames share a part: sqrt(c) e_clip + sqrt(1 - c) e_frame.
+
+    Every element stays N(0, 1) and any two frames' noises have correlation ``c`` (the "mixed" noise prior of PYoCo,
+    Ge et al. 2023: a video model trained and sampled with it keeps content from frame to frame more easily). ``c = 0``
+    is the reference's independent noise, exactly ``jax.random.normal(key, shape, dtype)``.
+    """
+    if not 0.0 <= correlation < 1.0:
+        raise ValueError(f"frame noise correlation must be in [0, 1), got {correlation} (0: independent frames)")
+    shape = tuple(shape)
+    if correlation == 0.0:
+        return jax.random.normal(key, shape, dtype)
+    if len(shape) < 3:
+        raise ValueError(f"frame-correlated noise is for videos [B, F, ...], got shape {shape}")
+    k_clip, k_frame = jax.random.split(key)
+    shared = jax.random.normal(k_clip, (shape[0], 1, *shape[2:]), jnp.float32)
+    own = jax.random.normal(k_frame, shape, jnp.float32)
+    return (math.sqrt(correlation) * shared + math.sqrt(1.0 - correlation) * own).astype(dtype)
+
+
 def add_noise(
     alphas_cumprod: np.ndarray | jax.Array,
     original_samples: jax.Array,

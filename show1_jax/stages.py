@@ -71,7 +71,7 @@ from flax import nnx
 
 from show1_jax import sampler as _sampler
 from show1_jax.sampler import Denoiser, concat_cond_channels, sample
-from show1_jax.schedulers import Schedule, add_noise, img2img_t_start, noise_tables
+from show1_jax.schedulers import Schedule, add_noise, frame_correlated_noise, img2img_t_start, noise_tables
 
 __all__ = [
     "UNetDenoiser",
@@ -369,7 +369,7 @@ def _with_channels(x_cfg: Array, cond: dict[str, Any]) -> Array:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("shape", "dtype", "return_trajectory"))
+@partial(jax.jit, static_argnums=0, static_argnames=("shape", "dtype", "return_trajectory", "frame_noise_correlation"))
 def keyframes(
     denoise: Denoiser,
     params: Any,
@@ -384,6 +384,7 @@ def keyframes(
     dtype: DType | None = None,
     progress_token: Array | None = None,
     return_trajectory: bool = False,
+    frame_noise_correlation: float = 0.0,
 ) -> Array | tuple[Array, Array]:
     """Stage 1, ``TextToVideoIFPipeline`` (SPEC §3.3): text -> keyframes.
 
@@ -400,6 +401,9 @@ def keyframes(
       dropout_key: None (default, eval mode) or a key for the reference's train-mode temporal-conv dropout (SPEC
         §1.6); matches the released script statistically, never bit for bit.
       dtype: compute dtype (default: the noise's, else float32).
+      frame_noise_correlation: when drawing from ``key``: the frames' shared part of the initial noise
+        (``schedulers.frame_correlated_noise``), for a model trained with it (``diffusion.frame_noise_correlation``);
+        0.0, the reference, draws independent frames.
     Returns:
       [B, F, H, W, 3] (with ``return_trajectory``: and the sample after every step [S, B, F, H, W, 3]).
     """
@@ -408,6 +412,12 @@ def keyframes(
     if noise is None and shape is None:
         raise ValueError("keyframes draws its noise from key: pass shape=(num_frames, height, width)")
     full = (batch, *(shape if noise is None else noise.shape[1:4]), 3)
+    if noise is None and frame_noise_correlation:
+        if key is None:
+            raise ValueError("frame_noise_correlation draws the noise: pass key= (a jax PRNG key)")
+        noise = frame_correlated_noise(key, full, dtype, frame_noise_correlation)
+    elif frame_noise_correlation:
+        raise ValueError("frame_noise_correlation applies to noise drawn from key; a given noise is used as it is")
     x = _noise_or_draw(noise, key, full, dtype, "noise") * schedule.init_noise_sigma
     cond: dict[str, Any] = {"text": text}
     if dropout_key is not None:

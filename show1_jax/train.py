@@ -90,7 +90,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from show1_jax import sharding as shd
-from show1_jax.schedulers import add_noise, load_scheduler_config, noise_tables
+from show1_jax.schedulers import add_noise, frame_correlated_noise, load_scheduler_config, noise_tables
 from show1_jax.train_settings import (
     UNET_STAGES,
     DataSettings,
@@ -430,6 +430,7 @@ class Objective:
     cfg_dropout: float
     temporal_conv_dropout: bool
     low_res: LowResSettings = SR1Settings()  # first_frame: FirstFrameSettings; sr1: SR1Settings
+    frame_noise_correlation: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -567,7 +568,8 @@ def make_train_step(
         drop = jax.random.bernoulli(keys[2], objective.cfg_dropout, (b,))
         text = jnp.where(drop[:, None, None], null_text.astype(jnp.float32)[None], text)
         t = jax.random.randint(keys[3], (b,), objective.min_timestep, objective.max_timestep + 1)
-        noise = shd.constrain(jax.random.normal(keys[4], x0.shape, x0.dtype), ("batch",))
+        noise = frame_correlated_noise(keys[4], x0.shape, x0.dtype, objective.frame_noise_correlation)
+        noise = shd.constrain(noise, ("batch",))
         x_t = add_noise(tables.alphas_cumprod, x0, noise, t)
         class_labels = None
         if stage == "interpolation":
@@ -1125,6 +1127,11 @@ def build_objective(
         )
         schedulers["image_noising_scheduler"] = nsched
         noising = noise_tables(nsched).alphas_cumprod
+    if settings.diffusion.frame_noise_correlation and stage != "keyframes":
+        raise ValueError(
+            f"diffusion.frame_noise_correlation is for stage keyframes (sampled with keyframes."
+            f"frame_noise_correlation), not {stage}: set it to 0"
+        )
     max_t = settings.diffusion.max_timestep
     max_t = DEFAULT_MAX_TIMESTEP.get(stage, tables.num_train_timesteps - 1) if max_t is None else max_t
     if max_t >= tables.num_train_timesteps:
@@ -1139,6 +1146,7 @@ def build_objective(
         cfg_dropout=settings.diffusion.cfg_dropout,
         temporal_conv_dropout=settings.model.temporal_conv_dropout,
         low_res=low_res,
+        frame_noise_correlation=settings.diffusion.frame_noise_correlation,
     )
     return objective, tables, schedulers, noising
 

@@ -66,6 +66,9 @@ class DiffusionSettings:
     UNets; 0 trains the ε channels only. ``cfg_dropout``: probability that a sample's text embedding is replaced by
     the empty prompt's (classifier-free guidance training). ``num_frames``: frames per training clip, cut at a random
     offset from the dataset's clips; default: the dataset's clip length (interpolation: 5, SPEC.md §3.4).
+    ``frame_noise_correlation`` (keyframes only): > 0 trains with noise whose frames share that part
+    (``schedulers.frame_correlated_noise``, PYoCo's mixed prior); sample the model with the same
+    ``keyframes.frame_noise_correlation``. 0 (default): independent noise, as the released models were trained.
     """
 
     scheduler: str | None = None
@@ -75,8 +78,14 @@ class DiffusionSettings:
     learned_variance_weight: float = 1.0
     cfg_dropout: float = 0.1
     num_frames: int | None = None
+    frame_noise_correlation: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.frame_noise_correlation < 1.0:
+            raise ValueError(
+                f"diffusion.frame_noise_correlation must be in [0, 1), got {self.frame_noise_correlation}"
+                " (0: independent noise per frame)"
+            )
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"diffusion.prediction_type must be one of {PREDICTION_TYPES} or null (the scheduler's)")
         if not 0.0 <= self.cfg_dropout <= 1.0:

@@ -107,6 +107,9 @@ def test_bad_settings_are_named(tiny):
         settings_for(tiny, "keyframes.num_frames=10")
     with pytest.raises(SettingsError, match="unknown setting.*sr1.stepz"):
         settings_for(tiny, "sr1.stepz=3")
+    with pytest.raises(SettingsError, match=r"keyframes.frame_noise_correlation must be in \[0, 1\)"):
+        settings_for(tiny, "keyframes.frame_noise_correlation=1.0")
+    assert settings_for(tiny, "keyframes.frame_noise_correlation=0.5").keyframes.frame_noise_correlation == 0.5
 
 
 def test_bad_inputs_fail_before_writing_anything(tiny, tmp_path):

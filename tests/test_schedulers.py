@@ -478,3 +478,21 @@ def test_img2img_t_start_matches_reference_rule():
     assert S.img2img_t_start(5, 0.8) == 1
     with pytest.raises(S.SchedulerConfigError, match="no denoising step"):
         S.img2img_t_start(5, 0.1)
+
+
+def test_frame_correlated_noise_is_unit_normal_with_the_asked_frame_correlation():
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(
+        np.asarray(S.frame_correlated_noise(key, (2, 3, 4, 5, 3))), np.asarray(jax.random.normal(key, (2, 3, 4, 5, 3)))
+    )
+    x = np.asarray(S.frame_correlated_noise(key, (4000, 2, 4, 4, 3), jnp.float32, 0.5), np.float64)
+    assert x.dtype == np.float64 and abs(x.mean()) < 0.01 and abs(x.std() - 1.0) < 0.01
+    a, b = x[:, 0].ravel(), x[:, 1].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1] - 0.5) < 0.02
+    assert abs(np.corrcoef(x[1:, 0].ravel(), x[:-1, 1].ravel())[0, 1]) < 0.02  # different clips: independent
+    assert S.frame_correlated_noise(key, (1, 2, 3), jnp.bfloat16, 0.3).dtype == jnp.bfloat16
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+            S.frame_correlated_noise(key, (1, 2, 3), jnp.float32, bad)
+    with pytest.raises(ValueError, match=r"videos \[B, F, ...\]"):
+        S.frame_correlated_noise(key, (4, 3), jnp.float32, 0.5)

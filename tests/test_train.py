@@ -658,3 +658,29 @@ def test_a_changed_prediction_type_is_what_the_exported_scheduler_says(workspace
     settings = micro_settings(workspace, tmp_path / "b", "diffusion.prediction_type=v_prediction")
     objective, _, schedulers, _ = build_objective(settings, None)
     assert objective.prediction_type == schedulers["scheduler"].prediction_type == "v_prediction"
+
+
+def test_frame_noise_correlation_trains_keyframes_only(workspace, tmp_path, monkeypatch):
+    """diffusion.frame_noise_correlation reaches the train step's noise draw; other stages and values outside [0, 1)
+    are refused with the setting named."""
+    from show1_jax import train
+    from show1_jax.train import build_objective
+
+    with pytest.raises(ValueError, match=r"frame_noise_correlation must be in \[0, 1\)"):
+        micro_settings(workspace, tmp_path / "a", "diffusion.frame_noise_correlation=1.0")
+    settings = micro_settings(workspace, tmp_path / "b", "diffusion.frame_noise_correlation=0.5")
+    assert build_objective(settings, 4)[0].frame_noise_correlation == 0.5
+    interp = micro_settings(workspace, tmp_path / "c", "stage=interpolation", "diffusion.frame_noise_correlation=0.5")
+    with pytest.raises(ValueError, match="for stage keyframes .* not interpolation: set it to 0"):
+        build_objective(interp, 5)
+
+    class Drawn(Exception):
+        pass
+
+    def record(key, shape, dtype, correlation):
+        raise Drawn(tuple(shape), correlation)
+
+    monkeypatch.setattr(train, "frame_correlated_noise", record)
+    with pytest.raises(Drawn) as drawn:
+        run_training(settings)
+    assert drawn.value.args == ((2, 4, 16, 24, 3), 0.5)
