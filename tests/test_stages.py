@@ -520,27 +520,27 @@ def test_keyframes_key_draws_dropout_and_progress():
 
 def test_keyframes_frame_noise_correlation_draws_the_mixed_prior():
     """frame_noise_correlation > 0 starts from schedulers.frame_correlated_noise drawn from the key (the frames share
-    part of it); 0 is the reference's independent draw; with given noise it is refused."""
+    part of it; 0, the reference's independent draw, is checked in test_schedulers); with given noise it is refused."""
     rng = np.random.default_rng(5)
     denoise, params = _tiny_unet(3, noise_level=False)
     text = _text(rng, 2)
     schedule = _pixel_schedule(3)
-    common = dict(guidance_scale=9.0, key=jax.random.key(3), shape=(4, 8, 12))
-    mixed = stages.keyframes(denoise, params, schedule, text, frame_noise_correlation=0.6, **common)
-    noise = S.frame_correlated_noise(jax.random.key(3), (2, 4, 8, 12, 3), jnp.float32, 0.6)
-    given = stages.keyframes(denoise, params, schedule, text, guidance_scale=9.0, noise=noise)
-    np.testing.assert_allclose(np.asarray(mixed), np.asarray(given), rtol=0, atol=1e-3)
-    plain = stages.keyframes(denoise, params, schedule, text, frame_noise_correlation=0.0, **common)
-    independent = jax.random.normal(jax.random.key(3), (2, 4, 8, 12, 3), jnp.float32)
-    np.testing.assert_allclose(
-        np.asarray(plain),
-        np.asarray(stages.keyframes(denoise, params, schedule, text, guidance_scale=9.0, noise=independent)),
-        rtol=0,
-        atol=1e-3,
+    key, shape = jax.random.key(3), (2, 4, 8, 12, 3)
+    mixed = stages.keyframes(
+        denoise, params, schedule, text, guidance_scale=9.0, key=key, shape=shape[1:4], frame_noise_correlation=0.6
     )
-    assert np.abs(np.asarray(mixed) - np.asarray(plain)).max() > 0.1
+
+    def given(noise):
+        return np.asarray(stages.keyframes(denoise, params, schedule, text, guidance_scale=9.0, noise=noise))
+
+    np.testing.assert_allclose(
+        np.asarray(mixed), given(S.frame_correlated_noise(key, shape, jnp.float32, 0.6)), rtol=0, atol=1e-3
+    )
+    assert np.abs(np.asarray(mixed) - given(jax.random.normal(key, shape))).max() > 0.1
     with pytest.raises(ValueError, match="a given noise is used as it is"):
-        stages.keyframes(denoise, params, schedule, text, guidance_scale=9.0, noise=noise, frame_noise_correlation=0.5)
+        stages.keyframes(
+            denoise, params, schedule, text, guidance_scale=9.0, noise=jnp.zeros(shape), frame_noise_correlation=0.5
+        )
 
 
 def test_guidance_none_is_the_conditional_prediction_alone():
