@@ -160,6 +160,7 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
     if args.per_stage:
         real = demo.evaluate_real_inputs(weights, combos, seeds=seeds, overrides=args.overrides)
         print("per stage (the metric on real clips is 100% at every stage's size):")
+        print(f"{'':>26} {'colour':>7} {'shape':>7} {'direction':>9} {'overall':>8}")
         rows = {f"{s} (prompts)": r for s, r in per_stage.items()}
         rows.update({f"{s} (real input)": r for s, r in real.items()})
         for name, r in rows.items():
