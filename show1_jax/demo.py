@@ -331,9 +331,11 @@ def real_stage_inputs(
     """
     from show1_jax.data.synthetic import clip_specs, render_clip
     from show1_jax.data.videos import resize_frames
+    from show1_jax.generate_settings import interpolated_frames
 
-    k, step = settings.keyframes.num_frames, 4  # Show-1's interpolation windows hold 5 frames (3 new per pair)
-    config = dataclasses.replace(DATASET, num_frames=(k - 1) * step + 1)
+    length = interpolated_frames(settings.keyframes.num_frames)
+    step = (length - 1) // (settings.keyframes.num_frames - 1)  # the keyframes are every step-th interpolated frame
+    config = dataclasses.replace(DATASET, num_frames=length)
     specs = clip_specs(len(combos), config, combinations=combos, seed=seed)
     clips = [render_clip(spec, config) for spec in specs]
 
