@@ -412,12 +412,10 @@ def keyframes(
     if noise is None and shape is None:
         raise ValueError("keyframes draws its noise from key: pass shape=(num_frames, height, width)")
     full = (batch, *(shape if noise is None else noise.shape[1:4]), 3)
-    if noise is None and frame_noise_correlation:
-        if key is None:
-            raise ValueError("frame_noise_correlation draws the noise: pass key= (a jax PRNG key)")
-        noise = frame_correlated_noise(key, full, dtype, frame_noise_correlation)
-    elif frame_noise_correlation:
+    if noise is not None and frame_noise_correlation:
         raise ValueError("frame_noise_correlation applies to noise drawn from key; a given noise is used as it is")
+    if noise is None and key is not None:  # 0: exactly jax.random.normal
+        noise = frame_correlated_noise(key, full, dtype, frame_noise_correlation)
     x = _noise_or_draw(noise, key, full, dtype, "noise") * schedule.init_noise_sigma
     cond: dict[str, Any] = {"text": text}
     if dropout_key is not None:
