@@ -113,6 +113,25 @@ def test_generation_is_deterministic():
     assert clip_specs(20, CONFIG, seed=7) != clip_specs(20, CONFIG, seed=8)
 
 
+def test_start_spread_centres_the_path():
+    config = SyntheticConfig(height=40, width=64, num_frames=9, speed=2, start_spread=3.0)
+    specs = clip_specs(200, config, seed=3)
+    for s in specs:
+        dy, dx = DIRECTIONS[s.direction]
+        # the middle frame (4 frames of 2 px after the start) lies within 3 px of the frame's centre, on the torus
+        mid_y = (s.center_y + 8 * dy) % 40 - 20
+        mid_x = (s.center_x + 8 * dx) % 64 - 32
+        assert abs(mid_y) <= 3.01 and abs(mid_x) <= 3.01, s
+    offsets = np.array([[(s.center_y + 8 * DIRECTIONS[s.direction][0]) % 40 - 20] for s in specs])
+    assert offsets.std() > 1.0  # spread, not one fixed start
+    # None keeps uniform starts; the combinations are dealt the same either way
+    uniform = clip_specs(200, SyntheticConfig(height=40, width=64, num_frames=9, speed=2), seed=3)
+    assert max(s.center_x for s in uniform) > 50 and min(s.center_x for s in uniform) < 14
+    assert [s.combination for s in uniform] == [s.combination for s in specs]
+    with pytest.raises(ValueError, match="start_spread"):
+        SyntheticConfig(height=40, width=64, start_spread=25.0)
+
+
 def test_held_out_split_is_disjoint_and_keeps_every_pair_in_training(tmp_path):
     split = split_combinations(CONFIG, held_out_fraction=0.2, seed=0)
     combos = attribute_combinations(CONFIG)

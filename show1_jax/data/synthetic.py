@@ -61,6 +61,11 @@ class Combination(NamedTuple):
 class SyntheticConfig:
     """How clips look. Sizes in pixels; ``radius`` None means ``round(0.18 * min(height, width))``.
 
+    ``start_spread`` None: a clip's start centre is uniform over the frame (anywhere on the torus). A number s: the
+    path is centred instead, its middle frame's centre uniform within s pixels of the frame's centre on each axis,
+    so the shape crosses the middle the captioned way (an easier task: where the shape is in each frame follows
+    from the caption up to +-s, as a small model on 2 CPU cores can learn; see ``show1_jax.demo``).
+
     mp4 needs an even height and width. GIF frame delays are whole centiseconds, so a GIF's stored fps is
     ``1000 / gif_frame_ms(fps)`` (8 fps is stored as 8.33); ``metadata.jsonl`` records the stored rate.
     """
@@ -77,6 +82,7 @@ class SyntheticConfig:
     directions: tuple[str, ...] = tuple(DIRECTIONS)
     caption_template: str = "{article} {colour} {shape} moving {direction}"  # article: "a" or "an" by the colour
     video_format: Literal["mp4", "gif"] = "mp4"
+    start_spread: float | None = None
 
     def __post_init__(self):
         for kind, names, known in (
@@ -94,6 +100,11 @@ class SyntheticConfig:
         if self.speed < 1 or self.num_frames < 2:
             raise ValueError(
                 f"need speed >= 1 and num_frames >= 2 for visible motion, got {self.speed}, {self.num_frames}"
+            )
+        if self.start_spread is not None and not 0 <= self.start_spread <= min(self.height, self.width) / 2:
+            raise ValueError(
+                f"start_spread must be None (anywhere) or in [0, {min(self.height, self.width) / 2}] pixels (half the"
+                f" smaller side), got {self.start_spread}"
             )
 
     @property
@@ -230,7 +241,8 @@ def clip_specs(
     """``num_clips`` clip descriptions, deterministic from ``seed``.
 
     Combinations are dealt evenly: each pass over ``combinations`` (all of the config's by default) is a fresh
-    seeded permutation, so counts differ by at most one. Start centres are uniform over the frame.
+    seeded permutation, so counts differ by at most one. Start centres are uniform over the frame, or with
+    ``config.start_spread`` set, such that the middle frame's centre is within that many pixels of the frame's.
     """
     combos = list(attribute_combinations(config) if combinations is None else combinations)
     if not combos:
@@ -242,7 +254,13 @@ def clip_specs(
     specs = []
     for i in order[:num_clips]:
         c = Combination(*combos[i])
-        cy, cx = rng.uniform(0, config.height), rng.uniform(0, config.width)
+        if config.start_spread is None:
+            cy, cx = rng.uniform(0, config.height), rng.uniform(0, config.width)
+        else:
+            (step_y, step_x), half_path = DIRECTIONS[c.direction], config.speed * (config.num_frames - 1) / 2
+            jy, jx = rng.uniform(-config.start_spread, config.start_spread, size=2)
+            cy = (config.height / 2 + jy - step_y * half_path) % config.height
+            cx = (config.width / 2 + jx - step_x * half_path) % config.width
         specs.append(
             ClipSpec(
                 c.colour, c.shape, c.direction, round(cy, 2), round(cx, 2), caption_for(c, config.caption_template)
