@@ -582,15 +582,39 @@ class BasicTransformerBlock(nnx.Module):
         return self.ff(self.norm3(x)) + x
 
 
+def frame_position_embedding(num_frames: int, dim: int, max_period: float = 10000.0) -> Array:
+    """[num_frames, dim] float32: sin of frame index x geometric frequencies in the first half, cos in the second
+    (the transformer's fixed encoding; odd ``dim`` gets a zero last column)."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+    angles = jnp.arange(num_frames, dtype=jnp.float32)[:, None] * freqs[None, :]
+    table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.pad(table, ((0, 0), (0, dim - 2 * half)))
+
+
 class TransformerTemporalModel(nnx.Module):
     """Temporal attention (``temp_attentions.{j}``, ``transformer_in``): attention over frames at every pixel.
 
     GroupNorm (statistics across frames, eps 1e-6) -> tokens [B*H*W, F, C] -> proj_in -> one BasicTransformerBlock
     whose attn2 is also self-attention (double_self_attention) -> proj_out -> + input. No positional encoding over
-    time (SPEC.md §5.4).
+    time (SPEC.md §5.4), unless ``position_embedding="sinusoidal"`` (not the reference; see
+    ``UNetConfig.temporal_position_embedding``): ``frame_position_embedding`` added to the tokens after proj_in.
     """
 
-    def __init__(self, channels: int, heads: int, head_dim: int, *, groups: int, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        *,
+        groups: int,
+        position_embedding: str | None = None,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        if position_embedding not in (None, "sinusoidal"):
+            raise ValueError(f"position_embedding must be None or 'sinusoidal', got {position_embedding!r}")
+        self.position_embedding = position_embedding
         inner = heads * head_dim
         self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
         self.proj_in = dense(channels, inner, dtype=dtype, rngs=rngs)
@@ -606,6 +630,8 @@ class TransformerTemporalModel(nnx.Module):
         h = self.norm(x.reshape(b, num_frames, hh, ww, c))
         h = h.transpose(0, 2, 3, 1, 4).reshape(b * hh * ww, num_frames, c)  # [B*H*W, F, C]
         h = self.proj_in(constrain(h, TOKENS))
+        if self.position_embedding == "sinusoidal":
+            h = h + frame_position_embedding(num_frames, h.shape[-1]).astype(h.dtype)
         for block in self.transformer_blocks:
             h = block(h)
         h = self.proj_out(h)

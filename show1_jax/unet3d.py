@@ -68,6 +68,13 @@ class UNetConfig:
     ``attention_head_split`` is ours, not the reference's: "showone" (default) reproduces the showone class's
     (heads, head_dim) order for temporal attention and ModelScope-style spatial attention; "diffusers" uses
     diffusers' order (SPEC.md §1.5). ``temporal`` is False for the 2D (IF-II-L) model.
+
+    ``temporal_position_embedding`` is ours too, and off (None) in every released model: the reference's temporal
+    layers have no positional encoding, so frame order is known only through the temporal convolutions' zero
+    padding (SPEC.md §5.4). "sinusoidal" adds a fixed (parameter-free) sinusoidal embedding of the frame index to
+    every temporal attention's tokens after ``proj_in``, as AnimateDiff's motion modules do; the weights' keys and
+    shapes are unchanged. Show-1 Shapes' keyframe model uses it (``show1_jax.demo``): without it, the tiny model
+    learnt to move shapes but not which way, as "left" and "right" differ only in the order of the frames.
     """
 
     in_channels: int = 4
@@ -106,6 +113,7 @@ class UNetConfig:
     transfromer_in_opt: bool = False  # sic: the showone spelling (SPEC.md §6.3)
     attention_head_split: str = "showone"
     temporal: bool = True
+    temporal_position_embedding: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> UNetConfig:
@@ -143,6 +151,11 @@ class UNetConfig:
                 raise ValueError(f"unknown block type `{t}`; supported: {', '.join(k + '3D' for k in known)}")
         if self.attention_head_split not in ("showone", "diffusers"):
             raise ValueError("attention_head_split must be 'showone' or 'diffusers'")
+        if self.temporal_position_embedding not in (None, "sinusoidal"):
+            raise ValueError(
+                f"temporal_position_embedding `{self.temporal_position_embedding}`: use null (the reference) or"
+                " 'sinusoidal'"
+            )
         if self.encoder_hid_dim_type not in (None, "text_proj"):
             raise ValueError(f"encoder_hid_dim_type `{self.encoder_hid_dim_type}` is not supported (text_proj)")
         if self.class_embed_type not in (None, "timestep"):
@@ -228,7 +241,13 @@ class _Layer(nnx.Module):
         if attn is not None and cfg.temporal:
             heads, head_dim = _split(cout, heads_arg, cfg.attention_head_split)
             temp_attention = TransformerTemporalModel(
-                cout, heads, head_dim, groups=cfg.norm_num_groups, dtype=dtype, rngs=rngs
+                cout,
+                heads,
+                head_dim,
+                groups=cfg.norm_num_groups,
+                position_embedding=cfg.temporal_position_embedding,
+                dtype=dtype,
+                rngs=rngs,
             )
         self.attention, self.temp_attention = nnx.data(attention), nnx.data(temp_attention)
 

@@ -329,3 +329,55 @@ def test_transformer_in_weights_with_the_option_off_are_refused(sr2_folder):
     edit_config(sr2_folder, transfromer_in_opt=False)
     with pytest.raises(CheckpointMappingError, match="transformer_in.*transfromer_in_opt=false"):
         load_component(sr2_folder)
+
+
+# --- the non-reference temporal position embedding (Show-1 Shapes' keyframe model) --------------------------------
+
+
+def test_frame_position_embedding_values():
+    from show1_jax.layers import frame_position_embedding
+
+    table = np.asarray(frame_position_embedding(8, 7))
+    assert table.shape == (8, 7)
+    np.testing.assert_allclose(table[0], [0, 0, 0, 1, 1, 1, 0])  # sin 0 | cos 0 | odd dim's zero column
+    np.testing.assert_allclose(table[3, 0], np.sin(3.0), rtol=1e-6)
+    assert len({tuple(np.round(r, 5)) for r in table}) == 8  # every frame its own code
+
+
+def test_temporal_position_embedding_gives_the_frames_an_order():
+    from flax import nnx
+
+    from show1_jax.layers import TransformerTemporalModel
+
+    x = jnp.tile(jax.random.normal(jax.random.key(0), (2, 1, 3, 3, 16)), (1, 5, 1, 1, 1)).reshape(10, 3, 3, 16)
+    outs = {}
+    for pe in (None, "sinusoidal"):
+        layer = TransformerTemporalModel(16, 2, 8, groups=4, position_embedding=pe, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        outs[pe] = np.asarray(layer(x, num_frames=5)).reshape(2, 5, 3, 3, 16)
+    # the same clip in every frame: without a position code every frame comes out the same, with it they differ
+    assert np.abs(outs[None] - outs[None][:, :1]).max() < 1e-5
+    assert np.abs(outs["sinusoidal"] - outs["sinusoidal"][:, :1]).max() > 1e-2
+    with pytest.raises(ValueError, match="position_embedding"):
+        TransformerTemporalModel(16, 2, 8, groups=4, position_embedding="rope", dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def test_temporal_position_embedding_loads_released_weights(unet_folder):
+    folder = unet_folder
+    plain = load_component(folder)
+    assert plain.config.temporal_position_embedding is None  # released configs do not have the key
+    cfg = json.loads((folder / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    c = plain.config
+    args = (
+        jnp.asarray(rng.normal(size=(1, 4, 8, 8, c.in_channels)), jnp.float32),
+        jnp.array([500]),
+        jnp.asarray(rng.normal(size=(1, 5, c.encoder_hid_dim)), jnp.float32),
+    )
+    kwargs = {"class_labels": jnp.array([20])} if c.class_embed_type else {}
+    (folder / "config.json").write_text(json.dumps({**cfg, "temporal_position_embedding": "sinusoidal"}))
+    with_pe = load_component(folder)  # same keys and shapes: the embedding has no parameters
+    assert with_pe.config.temporal_position_embedding == "sinusoidal"
+    assert np.abs(np.asarray(with_pe(*args, **kwargs)) - np.asarray(plain(*args, **kwargs))).max() > 1e-4
+    (folder / "config.json").write_text(json.dumps({**cfg, "temporal_position_embedding": "learned"}))
+    with pytest.raises((ConfigError, ValueError), match="temporal_position_embedding"):
+        load_component(folder)
