@@ -73,8 +73,9 @@ class UNetConfig:
     layers have no positional encoding, so frame order is known only through the temporal convolutions' zero
     padding (SPEC.md §5.4). "sinusoidal" adds a fixed (parameter-free) sinusoidal embedding of the frame index to
     every temporal attention's tokens after ``proj_in``, as AnimateDiff's motion modules do; the weights' keys and
-    shapes are unchanged. Show-1 Shapes' keyframe model uses it (``show1_jax.demo``): without it, the tiny model
-    learnt to move shapes but not which way, as "left" and "right" differ only in the order of the frames.
+    shapes are unchanged, so released weights load with it (and then need finetuning). For small models trained
+    from few clips, where the order of the frames (``left`` vs ``right`` is the same path played backwards) is
+    otherwise hard to learn.
     """
 
     in_channels: int = 4

@@ -63,8 +63,8 @@ class SyntheticConfig:
 
     ``start_spread`` None: a clip's start centre is uniform over the frame (anywhere on the torus). A number s: the
     path is centred instead, its middle frame's centre uniform within s pixels of the frame's centre on each axis,
-    so the shape crosses the middle the captioned way (an easier task: where the shape is in each frame follows
-    from the caption up to +-s, as a small model on 2 CPU cores can learn; see ``show1_jax.demo``).
+    so the shape crosses the middle the captioned way: where the shape is in each frame then follows from the
+    caption up to +-s pixels (a narrower task for a small model).
 
     mp4 needs an even height and width. GIF frame delays are whole centiseconds, so a GIF's stored fps is
     ``1000 / gif_frame_ms(fps)`` (8 fps is stored as 8.33); ``metadata.jsonl`` records the stored rate.
