@@ -167,6 +167,13 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
             print(f"{name:>26} {r['colour']:7.1%} {r['shape']:7.1%} {r['direction']:9.1%} {r['overall']:8.1%}")
         reports["per stage, from the prompts"] = per_stage
         reports["per stage, fed real clips"] = real
+    if args.steering:
+        pairs = sorted({(c.colour, c.shape) for c in combos})
+        steering = demo.keyframe_steering(weights, pairs, seeds=seeds, overrides=args.overrides)
+        print(f"keyframes, one noise per seed and (colour, shape) with each direction word: direction"
+              f" {steering['accuracy']:.1%}, distinct motions per noise {steering['distinct']:.0%}"
+              f" ({1 / len(demo.DATASET.directions):.0%}: the noise alone decides)")  # fmt: skip
+        reports["keyframe direction steering"] = steering
     if args.report:
         Path(args.report).write_text(json.dumps(reports, indent=2, default=str))
     return 0
@@ -243,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-stage", action="store_true",
                    help="also score every stage's frames, and each later stage fed real clips instead of the previous"
                    " stage's output (which stage loses what)")  # fmt: skip
+    q.add_argument("--steering", action="store_true",
+                   help="also sample the keyframes of one noise with every direction word: does the word or the"
+                   " noise decide the motion")  # fmt: skip
     q.set_defaults(func=cmd_shapes_eval)
 
     p = sub.add_parser("convert", help="convert released PyTorch folders into show1-jax's format")

@@ -320,6 +320,61 @@ def evaluate(
     return reports[stage]
 
 
+def direction_steering(
+    generate: Callable[[str, int], np.ndarray],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    seeds: Sequence[int] = (0,),
+    directions: Sequence[str] = DATASET.directions,
+) -> dict[str, float]:
+    """Whether the direction word steers the motion, or the noise does: per seed and (colour, shape), the same
+    noise is sampled once with each direction word.
+
+    Args:
+      generate: ``(prompt, seed) -> uint8 [F, H, W, 3]``, one video whose noise depends on the seed only.
+      pairs: (colour, shape) pairs to prompt with.
+    Returns:
+      ``accuracy``: fraction of (seed, pair, word) whose recognised direction is the word; ``distinct``: mean
+      fraction of distinct recognised directions among one seed's words (1.0: each word its own motion;
+      1 / len(directions): the same motion whatever the word, i.e. the noise alone decides).
+    """
+    from show1_jax.data.alignment import recognise
+
+    hits, distinct, count = 0, [], 0
+    for seed in seeds:
+        for colour, shape in pairs:
+            found = []
+            for word in directions:
+                video = generate(caption_for(Combination(colour, shape, word), DATASET.caption_template), int(seed))
+                seen = recognise(
+                    video, colours=DATASET.colours, shapes=DATASET.shapes, directions=DATASET.directions
+                ).direction
+                found.append(seen)
+                hits += seen == word
+                count += 1
+            distinct.append(len(set(found)) / len(directions))
+    return {"accuracy": hits / count, "distinct": float(np.mean(distinct))}
+
+
+def keyframe_steering(
+    weights: str | Path,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    overrides: Sequence[str] = (),
+) -> dict[str, float]:
+    """:func:`direction_steering` of the keyframe stage in ``weights`` (one prompt per call, so a seed's noise is
+    the same for every word)."""
+    from show1_jax.stages import video_to_uint8
+
+    settings, pipe = _pipeline(weights, [*overrides, "stages=[keyframes]"])
+
+    def generate(prompt: str, seed: int) -> np.ndarray:
+        return video_to_uint8(np.asarray(pipe([prompt], dataclasses.replace(settings, seed=seed))["keyframes"]))[0]
+
+    return direction_steering(generate, pairs, seeds=seeds)
+
+
 def real_stage_inputs(
     combos: Sequence[Combination], settings: Any, *, seed: int = 0
 ) -> tuple[list[Combination], dict[str, np.ndarray]]:

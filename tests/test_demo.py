@@ -203,3 +203,34 @@ def test_shapes_eval_prints_the_final_stage_floor_ceiling_and_per_stage_tables(t
     assert saved["per stage, fed real clips"]["sr2"]["overall"] == 0.95
     assert cli.main(args + ["--no-floor"]) == 0
     assert "per stage" not in capsys.readouterr().out and "per stage, fed real clips" not in json.loads(out.read_text())
+
+    def steering(w, pairs, *, seeds, overrides):
+        seen["steering"] = (Path(w), pairs, list(seeds))
+        return {"accuracy": 0.25, "distinct": 0.25}
+
+    monkeypatch.setattr(demo, "keyframe_steering", steering)
+    assert cli.main(args + ["--no-floor", "--steering"]) == 0
+    assert "direction 25.0%, distinct motions per noise 25%" in capsys.readouterr().out
+    pairs = seen["steering"][1]
+    assert seen["steering"][::2] == (weights, [0, 2]) and pairs == sorted(set(pairs))
+    assert set(pairs) == {(c.colour, c.shape) for c in demo.split().held_out}
+    assert json.loads(out.read_text())["keyframe direction steering"] == {"accuracy": 0.25, "distinct": 0.25}
+
+
+def test_direction_steering_tells_a_word_steered_model_from_a_noise_steered_one():
+    from show1_jax.data.synthetic import SyntheticConfig, clip_specs, render_clip
+
+    config = SyntheticConfig(height=20, width=32, num_frames=8, speed=1, colours=demo.DATASET.colours,
+                             shapes=demo.DATASET.shapes)  # fmt: skip
+
+    def clip(prompt: str, direction: str) -> np.ndarray:
+        _, colour, shape, _, _ = prompt.split()
+        combo = demo.Combination(colour, shape, direction)
+        return render_clip(clip_specs(1, config, combinations=[combo], seed=0)[0], config)
+
+    directions = demo.DATASET.directions
+    pairs = [("red", "circle"), ("blue", "square")]
+    steered = demo.direction_steering(lambda p, s: clip(p, p.split()[-1]), pairs, seeds=(0, 1))
+    assert steered == {"accuracy": 1.0, "distinct": 1.0}
+    by_noise = demo.direction_steering(lambda p, s: clip(p, directions[s % 4]), pairs, seeds=(0, 1, 2, 3))
+    assert by_noise == {"accuracy": 1 / len(directions), "distinct": 1 / len(directions)}
