@@ -453,7 +453,11 @@ class UNet3DConditionModel(nnx.Module):
         self.conv_in = conv2d(cfg.in_channels, c0, cfg.conv_in_kernel, dtype=dtype, rngs=rngs)
         # Hard-wired in the showone class: 8 heads x 64, GroupNorm(32), whatever the width (SPEC.md §6.3).
         self.transformer_in = (
-            TransformerTemporalModel(c0, 8, 64, groups=32, dtype=dtype, rngs=rngs) if cfg.transfromer_in_opt else None
+            TransformerTemporalModel(
+                c0, 8, 64, groups=32, position_embedding=cfg.temporal_position_embedding, dtype=dtype, rngs=rngs
+            )
+            if cfg.transfromer_in_opt
+            else None
         )
         self.time_embedding = TimestepEmbedding(c0, ted, act=cfg.act_fn, dtype=dtype, rngs=rngs)
         self.class_embedding = (
