@@ -439,8 +439,10 @@ class Objective:
 
 
 def learning_rate_schedule(optim: OptimSettings, total_steps: int) -> optax.Schedule:
-    """Linear warmup over ``warmup_steps`` (lr · (step + 1) / warmup), then constant or cosine to the end rate."""
+    """Linear warmup over ``warmup_steps`` (lr · (step + 1) / warmup), then constant or cosine to the end rate
+    (reached at ``optim.decay_steps``, default ``total_steps``)."""
     lr, warmup, end = optim.learning_rate, optim.warmup_steps, optim.end_learning_rate
+    total_steps = optim.decay_steps or total_steps
 
     def schedule(step: Array) -> Array:
         step = jnp.asarray(step, jnp.float32)

@@ -227,12 +227,15 @@ class OptimSettings:
     ``trainable``: ``all`` parameters, ``temporal`` layers only (``temp_convs``, ``temp_attentions``,
     ``transformer_in``) or ``temporal_attention`` only (``temp_attentions``: motion customization, SPEC.md §9).
     Frozen parameters get no gradient, no optimizer state and no EMA copy.
+    ``decay_steps``: the step the cosine reaches ``end_learning_rate``; default (null) the run's ``steps``. Set it
+    to stop a run part-way along a longer schedule (a recipe run reproducing one exported mid-run).
     """
 
     learning_rate: float = 1e-4
     schedule: str = "constant"
     warmup_steps: int = 0
     end_learning_rate: float = 0.0
+    decay_steps: int | None = None
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -250,6 +253,11 @@ class OptimSettings:
             raise ValueError(f"optim.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"optim.decay_steps ({self.decay_steps}) must exceed optim.warmup_steps ({self.warmup_steps}), or be"
+                " null (the run's steps)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,7 @@ from show1_jax.train import (
     diffusion_loss,
     init_train_state,
     is_trainable,
+    learning_rate_schedule,
     low_res_condition,
     make_optimizer,
     run_training,
@@ -252,6 +253,21 @@ def test_remat_gives_the_same_gradients():
     plain, remat = grads(False), grads(True)
     for key in plain:
         np.testing.assert_allclose(remat[key], plain[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_cosine_schedule_decays_over_decay_steps_when_set_so_a_run_can_stop_part_way():
+    optim = OptimSettings(learning_rate=1e-3, schedule="cosine", warmup_steps=10, end_learning_rate=1e-4)
+    full = learning_rate_schedule(optim, 100)
+    assert float(full(4)) == pytest.approx(1e-3 * 5 / 10)  # warmup
+    assert float(full(55)) == pytest.approx(5.5e-4, rel=1e-5)  # half-way: the mean of lr and end
+    assert float(full(100)) == pytest.approx(1e-4, rel=1e-5)
+    # a 40-step run on the 100-step schedule follows it exactly where it stops
+    part = learning_rate_schedule(dataclasses.replace(optim, decay_steps=100), 40)
+    for step in (0, 9, 25, 39):
+        assert float(part(step)) == pytest.approx(float(full(step)), rel=1e-6)
+    assert float(learning_rate_schedule(optim, 40)(39)) < float(part(39))  # its own horizon decays sooner
+    with pytest.raises(ValueError, match="decay_steps"):
+        OptimSettings(warmup_steps=10, decay_steps=10)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
