@@ -36,6 +36,7 @@ from show1_jax.data.synthetic import (
     caption_for,
     generate_dataset,
     split_combinations,
+    write_direction_groups,
 )
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -56,17 +57,33 @@ HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 NUM_CLIPS = 1536
 
-# The recipe's training runs in order, one configs/shapes/train_<run>.yaml each (its `stage:` is the trainer stage).
-# Two runs continue an earlier one (FINETUNES: model.pretrained is filled in with that run's export): the VAE trains
-# longer, and the keyframe UNet, first trained to predict noise (epsilon), is switched to v-prediction, whose
-# predictions stay accurate at the highest noise levels where this small model's epsilon did not (its samples from
-# pure noise kept a noisy background). SR2 trains in the latent space of the finished VAE.
-STAGES = ("vae", "vae_more", "keyframes", "keyframes_v", "interpolation", "first_frame", "sr1", "sr2")
-FINETUNES = {"vae_more": "vae", "keyframes_v": "keyframes"}
+# The clip sets the runs train on (a run's `data.source` names one; rendered into the recipe's workdir on first use).
+# `clips`: shapes start anywhere. The keyframe model is then moved to sets whose paths say more about the direction:
+# starting near the centre (start_spread, pixels at 80x128), slower (speed 1), and finally fixed by the direction
+# (start_spread 0). `clips_quad` is no new clips but a caption CSV over clips_c0 in direction groups
+# (`write_direction_groups`: one colour and shape, the four directions), read with data.batch_group_size 4.
+CLIP_SETS = {
+    "clips": DATASET,
+    "clips_c": dataclasses.replace(DATASET, start_spread=8.0),
+    "clips_c1": dataclasses.replace(DATASET, start_spread=6.0, speed=1),
+    "clips_c0": dataclasses.replace(DATASET, start_spread=0.0, speed=1),
+}
+DIRECTION_GROUP_SETS = {"clips_quad": "clips_c0"}
+
+# The recipe's training runs in order, one configs/shapes/train_<run>.yaml each (its `stage:` is the trainer stage;
+# its file says why the run is there). A finetune (FINETUNES) starts from its parent run's export (model.pretrained
+# filled in): the VAE trains longer; the keyframe UNet is trained first to predict noise, switched to v-prediction
+# (whose predictions stay accurate at the highest noise levels, where this small model's epsilon left a noisy
+# background), then moved through the clip sets above and taught the direction word with direction groups at high
+# noise. SR2 trains in the latent space of the finished VAE.
+KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
+                 "keyframes_c0", "keyframes_quad", "keyframes_quad2")  # fmt: skip
+STAGES = ("vae", "vae_more", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2")
+FINETUNES = {"vae_more": "vae", **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}
 SR2_VAE_RUN = "vae_more"
 # Where each shipped model comes from and goes in the released layout.
 REPOS = {
-    "keyframes_v": ("show-1-base", "unet"),
+    KEYFRAME_RUNS[-1]: ("show-1-base", "unet"),
     "interpolation": ("show-1-interpolation", "unet"),
     "first_frame": ("IF-II-L", "unet"),
     "sr1": ("show-1-sr1", "unet"),
@@ -131,21 +148,28 @@ def write_text_encoders(root: str | Path, *, seed: int = 0, config: SyntheticCon
 def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrides: Sequence[str] = ()):
     """The :class:`~show1_jax.train_settings.TrainSettings` of one run of the recipe, paths filled in.
 
-    Runs of one trainer stage share its built dataset (``data/<stage>``); a finetune starts from its parent run's
-    export."""
+    ``data.source`` names a clip set (:data:`CLIP_SETS`, :data:`DIRECTION_GROUP_SETS`), found in ``workdir``;
+    runs of one trainer stage on one clip set share its built dataset (``data/<stage>``, or
+    ``data/<stage>_<set>`` for a set other than ``clips``); a finetune starts from its parent run's export."""
     from show1_jax.settings import load_settings, read_yaml
     from show1_jax.train_settings import TrainSettings
 
     path = SHAPES_CONFIGS / f"train_{run}.yaml"
     raw = read_yaml(path)  # a finetune's own file is incomplete (no model) until its parent is filled in
     stage = raw["stage"]
+    clip_set = str(raw.get("data", {}).get("source", "clips"))
+    if clip_set not in CLIP_SETS and clip_set not in DIRECTION_GROUP_SETS:
+        raise ValueError(
+            f"{path}: data.source `{clip_set}` is not a clip set of the recipe: choose from"
+            f" {sorted([*CLIP_SETS, *DIRECTION_GROUP_SETS])}"
+        )
     text = {"sr2": workdir / "text" / "show-1-sr2" / "text_encoder", "vae": None}.get(
         stage, workdir / "text" / "show-1-base" / "text_encoder"
     )
     filled = [
         f"workdir={workdir / 'runs' / run}",
-        f"data.source={workdir / 'clips'}",
-        f"data.build_dir={workdir / 'data' / stage}",
+        f"data.source={workdir / clip_set}",
+        f"data.build_dir={workdir / 'data' / (stage if clip_set == 'clips' else f'{stage}_{clip_set}')}",
         f"steps={max(1, round(int(raw['steps']) * steps_scale))}",
     ]
     if text is not None:
@@ -156,6 +180,29 @@ def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrid
     if stage == "sr2":
         filled.append(f"model.vae={workdir / 'runs' / SR2_VAE_RUN / 'vae'}")
     return load_settings(TrainSettings, path, [*filled, *overrides])
+
+
+def prepare_clip_set(
+    workdir: str | Path, name: str, *, num_clips: int = NUM_CLIPS, log: Callable[[str], None] = print
+) -> Path:
+    """``workdir/name``: clip set ``name`` rendered from the training triples (:data:`CLIP_SETS`) or grouped over
+    its source set (:data:`DIRECTION_GROUP_SETS`, which is prepared first); an existing ``captions.csv`` is kept."""
+    from tqdm import tqdm
+
+    folder = Path(workdir) / name
+    if (folder / "captions.csv").is_file():
+        return folder
+    if name in DIRECTION_GROUP_SETS:
+        source = prepare_clip_set(workdir, DIRECTION_GROUP_SETS[name], num_clips=num_clips, log=log)
+        log(f"writing {name}: {source.name} in direction groups")
+        write_direction_groups(source, folder)
+        return folder
+    if name not in CLIP_SETS:
+        raise ValueError(f"unknown clip set `{name}`: choose from {sorted([*CLIP_SETS, *DIRECTION_GROUP_SETS])}")
+    log(f"rendering {num_clips} training clips of {len(split().train)} triples into {folder}")
+    with tqdm(total=num_clips, desc=name, unit="clip") as bar:
+        generate_dataset(folder, num_clips, CLIP_SETS[name], combinations=split().train, seed=0, progress=bar)
+    return folder
 
 
 def train_recipe(
@@ -185,27 +232,23 @@ def train_recipe(
     if unknown:
         raise ValueError(f"unknown stages {unknown}: choose from {list(STAGES)}")
     workdir = Path(workdir).resolve()
-    clips = workdir / "clips"
-    if not (clips / "captions.csv").is_file():
-        log(f"rendering {num_clips} training clips of {len(split().train)} triples into {clips}")
-        with tqdm(total=num_clips, desc="clips", unit="clip") as bar:
-            generate_dataset(clips, num_clips, DATASET, combinations=split().train, seed=0, progress=bar)
     write_text_encoders(workdir / "text")
-    timings = {}
+    timings_path = workdir / "timings.json"  # seconds per run, kept across resumed invocations
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for stage in stages:
         settings = stage_settings(stage, workdir, steps_scale=steps_scale, overrides=overrides)
         exported = Path(settings.workdir) / ("vae" if settings.stage == "vae" else "unet")
         if (exported / "config.json").is_file():
             log(f"{stage}: using the trained model in {exported}")
             continue
+        prepare_clip_set(workdir, Path(settings.data.source).name, num_clips=num_clips, log=log)
         log(f"{stage}: training {settings.steps} steps (configs/shapes/train_{stage}.yaml) in {settings.workdir}")
         start = time.perf_counter()
         with tqdm(total=settings.steps, desc=stage, unit="step") as bar:
             run_training(settings, logger=PrintLogger(lambda m: bar.write(m)), progress=bar)
         timings[stage] = time.perf_counter() - start
         log(f"{stage}: {timings[stage] / 60:.1f} min")
-    if timings:
-        (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
+        timings_path.write_text(json.dumps(timings, indent=2))
     return assemble(workdir, out)
 
 

@@ -186,6 +186,7 @@ def load_component(
     dtype=jnp.float32,
     variant: str | None = None,
     sharding: ShardingFn | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> nnx.Module:
     """Load a component folder as released (or as converted by ``tools/convert_torch_weights``).
 
@@ -197,6 +198,9 @@ def load_component(
       variant: ``"fp16"`` to require the fp16 weight files; by default the plain files are preferred.
       sharding: optional ``(param_path, shape) -> Sharding`` placing each converted tensor directly (each device
         receives only its shard); ``show1_jax.sharding.sharding_fn(mesh)`` builds one from the sharding rules.
+      config_overrides: config fields replaced before the model is built, e.g. ``{"temporal_position_embedding":
+        "sinusoidal"}`` to add that parameter-free frame code to a trained UNet. An override that changes a
+        parameter's shape fails like any mismatched checkpoint, naming the keys.
 
     Returns:
       The Flax NNX model with every parameter filled from the checkpoint.
@@ -205,6 +209,15 @@ def load_component(
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass a component folder such as show-1-base/unet")
     raw = read_json(folder / "config.json")
+    if config_overrides:
+        fields = {f.name for f in dataclasses.fields(family_of(class_name_of(raw, str(folder)))[0].config_class)}
+        unknown = sorted(set(config_overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"config_overrides {unknown} are not fields of {folder / 'config.json'}'s model: choose from"
+                f" {sorted(fields)}"
+            )
+        raw = {**raw, **config_overrides}
     if CONVERTED_MARKER in raw:
         return _load_converted(folder, raw, dtype=dtype, sharding=sharding)
 

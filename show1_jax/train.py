@@ -990,13 +990,21 @@ def build_model(
 
     dtype = _dtype(model.dtype)
     if model.pretrained is not None:
-        built = load_component(model.pretrained, dtype=dtype, sharding=sharding)
+        built = load_component(
+            model.pretrained, dtype=dtype, sharding=sharding, config_overrides=model.config_overrides
+        )
         check_stage(stage, built.config)
         return built
     if model.config in TINY_PRESETS:
         model_cls, config = tiny_preset(model.config)
     else:
         model_cls, config = _config_json(model.config, stage)
+    if model.config_overrides:
+        fields = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(model.config_overrides) - fields)
+        if unknown:
+            raise ValueError(f"model.config_overrides {unknown} are not config fields: choose from {sorted(fields)}")
+        config = dataclasses.replace(config, **model.config_overrides)
     check_stage(stage, config)
     return tiny.random_model(model_cls, config, seed=model.seed, dtype=dtype)
 
@@ -1267,7 +1275,11 @@ def run_training(
         async_save=settings.checkpoint.async_save,
     )
     iterator = data.batches(
-        batch_size // hosts, seed=settings.data.seed, process_index=jax.process_index(), process_count=hosts
+        batch_size // hosts,
+        seed=settings.data.seed,
+        process_index=jax.process_index(),
+        process_count=hosts,
+        group_size=settings.data.batch_group_size,
     )
     start = checkpointer.latest_step()
     if start is not None:

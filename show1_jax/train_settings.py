@@ -8,7 +8,7 @@ released); every value here is a choice of ours unless its comment cites the spe
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 STAGES = ("keyframes", "interpolation", "first_frame", "sr1", "sr2", "vae")
 UNET_STAGES = ("keyframes", "interpolation", "first_frame", "sr1", "sr2")
@@ -32,6 +32,9 @@ class ModelSettings:
     every TemporalConvLayer (SPEC.md §1.6), on by default in training as in a torch ``model.train()``.
     ``vae``: SR2 only, its frozen VAE: a ``vae/`` folder (e.g. ``<workdir>/vae`` of a stage-``vae`` run) or ``tiny``
     (a random ``TINY_VAE`` seeded by ``vae_seed``); default: the ``vae`` folder next to ``pretrained``.
+    ``config_overrides``: config fields replaced in the pretrained model's (or the preset's) config, e.g.
+    ``{temporal_position_embedding: sinusoidal}`` to give a trained UNet the parameter-free frame code; a change
+    of any parameter's shape is refused by the loader, naming the keys.
     """
 
     pretrained: str | None = None
@@ -42,6 +45,7 @@ class ModelSettings:
     temporal_conv_dropout: bool = True
     vae: str | None = None
     vae_seed: int = 0
+    config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if (self.pretrained is None) == (self.config is None):
@@ -192,6 +196,9 @@ class DataSettings:
     classifier-free-guidance dropout) comes from the same place: give the table a ``""`` entry.
 
     ``batch_size`` is the global batch (all devices and hosts together); each host reads its share.
+    ``batch_group_size`` g > 1 keeps each run of g consecutive CSV rows together in one batch (the shuffle permutes
+    whole runs; ``BatchIterator``'s ``group_size``): contrastive batches such as the shapes recipe's direction
+    quadruples. The per-host batch must be a multiple of g and the row count too.
     """
 
     path: str | None = None
@@ -209,6 +216,7 @@ class DataSettings:
     text_encoder: str | None = None
     empty_prompt: str = ""
     batch_size: int = 8
+    batch_group_size: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -218,6 +226,11 @@ class DataSettings:
             )
         if self.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
+        if self.batch_group_size < 1 or self.batch_size % self.batch_group_size:
+            raise ValueError(
+                f"data.batch_group_size {self.batch_group_size} must be >= 1 and divide data.batch_size"
+                f" {self.batch_size}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import pytest
 
 from show1_jax import functional, load_component
 from show1_jax.convert import convert
+from show1_jax.keymap import CheckpointMappingError
 from show1_jax.loading import flat_params, save_converted, save_released
 from show1_jax.tiny import TINY_BASE, random_model
 from show1_jax.unet3d import UNet3DConditionModel
@@ -57,6 +58,19 @@ def test_converted_format_round_trip_and_dtype(tmp_path):
     np.testing.assert_array_equal(forward(model), forward(back))
     half = load_component(tmp_path / "conv", dtype=jnp.bfloat16)
     assert all(v.dtype == jnp.bfloat16 for v in flat_params(half).values())
+
+
+def test_config_overrides_change_a_parameter_free_field_and_refuse_unknown_names(tmp_path):
+    model = tiny_unet()
+    save_converted(model, tmp_path / "conv")
+    coded = load_component(tmp_path / "conv", config_overrides={"temporal_position_embedding": "sinusoidal"})
+    assert coded.config.temporal_position_embedding == "sinusoidal" and model.config.temporal_position_embedding is None
+    assert_same_params(model, coded)  # the frame code has no parameters: every weight loads as it was
+    assert np.abs(forward(coded) - forward(model)).max() > 1e-3  # and the code reaches the output
+    with pytest.raises(ValueError, match=r"config_overrides \['temporal_position_embeding'\] are not fields"):
+        load_component(tmp_path / "conv", config_overrides={"temporal_position_embeding": "sinusoidal"})
+    with pytest.raises(CheckpointMappingError, match="(?s)does not match UNet3DConditionModel.*conv_shortcut"):
+        load_component(tmp_path / "conv", config_overrides={"block_out_channels": [64, 64]})
 
 
 def test_convert_pipeline_folder(tmp_path):

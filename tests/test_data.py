@@ -302,6 +302,30 @@ def test_host_shards_are_disjoint_and_cover_everything(built, process_count):
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
+def test_groups_of_consecutive_rows_stay_together_in_a_batch(built):
+    data = VideoTextData(built.path)  # 12 rows: groups {0,1,2}, {3,4,5}, ...
+    it = data.batches(6, seed=3, group_size=3)
+    seen = []
+    for _ in range(4):  # two epochs
+        index = next(it)["index"].tolist()
+        for start in (0, 3):
+            group = index[start : start + 3]
+            assert group[0] % 3 == 0 and group == list(range(group[0], group[0] + 3))
+        seen.append(index)
+    assert sorted(seen[0] + seen[1]) == list(range(12)) and seen[:2] != seen[2:]
+    groups = np.random.default_rng([3, 0]).permutation(4)
+    assert seen[0] + seen[1] == [int(g) * 3 + k for g in groups for k in range(3)]
+    shards = [[i for b in data.batches(3, seed=1, num_epochs=1, process_index=p, process_count=2, group_size=3)
+               for i in b["index"].tolist()] for p in range(2)]  # fmt: skip
+    assert sorted(shards[0] + shards[1]) == list(range(12)) and all(len(s) == 6 for s in shards)
+    with pytest.raises(ValueError, match="must be >= 1 and divide both the .per-host. batch size 4"):
+        data.batches(4, group_size=3)
+    with pytest.raises(ValueError, match="number of examples 12"):
+        data.batches(5, group_size=5)
+    with pytest.raises(ValueError, match="4 groups of 3 cannot be split over 5 hosts"):
+        data.batches(3, group_size=3, process_count=5)
+
+
 def test_embeddings_are_stored_and_batched(synthetic_folder, tmp_path):
     with open(synthetic_folder / "captions.csv", newline="") as f:
         captions = sorted({r["caption"] for r in csv.DictReader(f)})

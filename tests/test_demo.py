@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from show1_jax import cli, demo
-from show1_jax.data.synthetic import attribute_combinations
+from show1_jax.data.synthetic import DIRECTIONS, attribute_combinations
 from show1_jax.loading import flat_params, load_component, save_converted
 from show1_jax.tiny import TINY_BASE, TINY_IF2, TINY_INTERP, TINY_SR1, TINY_SR2, TINY_VAE, random_model
 from show1_jax.unet3d import UNet2DConditionModel, UNet3DConditionModel
@@ -28,11 +29,23 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
     for run in demo.STAGES:
         settings = demo.stage_settings(run, tmp_path, steps_scale=0.5)
         full = demo.stage_settings(run, tmp_path)
-        assert settings.stage == run.removesuffix("_v").removesuffix("_more")
+        assert settings.stage == ("vae" if run.startswith("vae") else run.split("_")[0].replace("first", "first_frame"))
         assert settings.steps == max(1, round(full.steps * 0.5))
         assert Path(settings.workdir) == tmp_path / "runs" / run
-        assert Path(settings.data.source) == tmp_path / "clips"
-        assert Path(settings.data.build_dir) == tmp_path / "data" / settings.stage  # one dataset per trainer stage
+        clip_set = Path(settings.data.source).name
+        assert Path(settings.data.source).parent == tmp_path
+        assert clip_set == ("clips" if not run.startswith("keyframes_") or run in ("keyframes_v", "keyframes_long")
+                            else "clips_" + run.split("_")[1].replace("pe", "c1").replace("quad2", "quad"))  # fmt: skip
+        suffix = "" if clip_set == "clips" else f"_{clip_set}"  # one dataset per trainer stage and clip set
+        assert Path(settings.data.build_dir) == tmp_path / "data" / f"{settings.stage}{suffix}"
+    chain = [demo.stage_settings(run, tmp_path) for run in demo.KEYFRAME_RUNS]
+    for parent, child in zip(demo.KEYFRAME_RUNS, chain[1:]):  # each keyframe run continues the one before
+        assert child.model.pretrained == str(tmp_path / "runs" / parent / "unet")
+    assert demo.REPOS[demo.KEYFRAME_RUNS[-1]] == ("show-1-base", "unet")
+    pe, quad = demo.stage_settings("keyframes_pe", tmp_path), demo.stage_settings("keyframes_quad", tmp_path)
+    assert pe.model.config_overrides == {"temporal_position_embedding": "sinusoidal"}
+    assert (quad.data.batch_group_size, quad.diffusion.min_timestep) == (4, 930)
+    assert demo.stage_settings("keyframes_long", tmp_path).optim.decay_steps == 3000
     # finetunes start from their parent's export; the switched keyframe model exports a v-prediction scheduler
     v = demo.stage_settings("keyframes_v", tmp_path)
     assert v.model.pretrained == str(tmp_path / "runs" / "keyframes" / "unet") and v.model.config is None
@@ -49,7 +62,7 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
 def fake_runs(workdir: Path) -> None:
     """Random models where a finished recipe leaves its trained ones (plus the recipe's text encoders)."""
     models = {
-        "keyframes_v": (UNet3DConditionModel, TINY_BASE),
+        demo.KEYFRAME_RUNS[-1]: (UNet3DConditionModel, TINY_BASE),
         "interpolation": (UNet3DConditionModel, TINY_INTERP),
         "first_frame": (UNet2DConditionModel, TINY_IF2),
         "sr1": (UNet3DConditionModel, TINY_SR1),
@@ -234,3 +247,33 @@ def test_direction_steering_tells_a_word_steered_model_from_a_noise_steered_one(
     assert steered == {"accuracy": 1.0, "distinct": 1.0}
     by_noise = demo.direction_steering(lambda p, s: clip(p, directions[s % 4]), pairs, seeds=(0, 1, 2, 3))
     assert by_noise == {"accuracy": 1 / len(directions), "distinct": 1 / len(directions)}
+
+
+def test_clip_sets_are_rendered_with_their_paths_and_grouped_by_direction(tmp_path):
+    """clips_quad prepares clips_c0 (every path fixed by its direction) and lists it in runs of the four directions
+    of one colour and shape (held-out triples filled from another colour), by relative paths to existing files."""
+    logs = []
+    quad = demo.prepare_clip_set(tmp_path, "clips_quad", num_clips=80, log=logs.append)
+    assert len(logs) == 2 and quad == tmp_path / "clips_quad"
+    from show1_jax.data.synthetic import read_metadata
+
+    records = read_metadata(tmp_path / "clips_c0")
+    assert len(records) == 80 and {r["speed"] for r in records} == {1}
+    for r in records:  # the middle frame's centre is the frame's centre: the path depends on the direction only
+        (dy, dx), half = DIRECTIONS[r["direction"]], 1 * (demo.DATASET.num_frames - 1) / 2
+        assert (r["center_y"], r["center_x"]) == (40 - dy * half, 64 - dx * half)
+    with open(quad / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pairs = {(r["colour"], r["shape"]) for r in records}
+    assert len(rows) == 4 * 16 * len(pairs)
+    held_out = set(demo.split().held_out)
+    for start in range(0, len(rows), 4):
+        group = rows[start : start + 4]
+        assert [r["direction"] for r in group] == list(DIRECTIONS)
+        assert all((quad / r["video_path"]).is_file() for r in group)
+        assert all(r["caption"] == f"a {r['colour']} {r['shape']} moving {r['direction']}" for r in group)
+        assert all((r["colour"], r["shape"], r["direction"]) not in held_out for r in group)
+        assert len({r["shape"] for r in group}) == 1
+    assert demo.prepare_clip_set(tmp_path, "clips_quad", log=logs.append) == quad and len(logs) == 2  # kept
+    with pytest.raises(ValueError, match="unknown clip set `clips_x`"):
+        demo.prepare_clip_set(tmp_path, "clips_x")

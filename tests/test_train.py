@@ -676,6 +676,16 @@ def test_a_changed_prediction_type_is_what_the_exported_scheduler_says(workspace
     assert objective.prediction_type == schedulers["scheduler"].prediction_type == "v_prediction"
 
 
+def test_batch_groups_reach_the_trainers_iterator(workspace, tmp_path):
+    """data.batch_group_size is checked against the batch size when read and against the row count (8 clips) by the
+    trainer's iterator, before anything compiles."""
+    with pytest.raises(ValueError, match="batch_group_size 3 must be >= 1 and divide data.batch_size 2"):
+        micro_settings(workspace, tmp_path / "a", "data.batch_group_size=3")
+    settings = micro_settings(workspace, tmp_path / "b", "data.batch_size=3", "data.batch_group_size=3")
+    with pytest.raises(ValueError, match="group_size 3 must .* number of examples 8: write the caption CSV in whole"):
+        run_training(settings)
+
+
 def test_frame_noise_correlation_trains_keyframes_only(workspace, tmp_path, monkeypatch):
     """diffusion.frame_noise_correlation reaches the train step's noise draw; other stages and values outside [0, 1)
     are refused with the setting named."""

@@ -558,11 +558,12 @@ class VideoTextData:
         process_count: int = 1,
         drop_remainder: bool = True,
         as_float: bool = False,
+        group_size: int = 1,
     ) -> BatchIterator:
         """A ``BatchIterator`` over this host's share of the data; see that class."""
         return BatchIterator(
             self, batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-            process_count=process_count, drop_remainder=drop_remainder, as_float=as_float,
+            process_count=process_count, drop_remainder=drop_remainder, as_float=as_float, group_size=group_size,
         )  # fmt: skip
 
 
@@ -574,6 +575,11 @@ class BatchIterator:
     shares are disjoint and together cover all N examples. Batches run on across epoch boundaries, so with
     ``num_epochs=None`` (endless, for training) every batch is full. With a finite ``num_epochs`` the last batch
     is dropped if short, unless ``drop_remainder=False``.
+
+    ``group_size`` g > 1 keeps runs of g consecutive examples (dataset order: the caption CSV's) together: the
+    permutation shuffles the N / g groups, hosts take whole groups, and with ``batch_size`` a multiple of g every
+    batch holds whole groups. For contrastive batches, e.g. the shapes recipe's direction quadruples (one colour and
+    shape, all four direction words in one batch).
 
     State: ``get_state()`` is a small JSON-able dict (epoch, position within this host's epoch order, plus the
     seed/shard settings it is valid for). ``set_state`` on an iterator built with the same arguments resumes
@@ -593,9 +599,21 @@ class BatchIterator:
         process_count: int = 1,
         drop_remainder: bool = True,
         as_float: bool = False,
+        group_size: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if group_size < 1 or batch_size % group_size or len(data) % group_size:
+            raise ValueError(
+                f"group_size {group_size} must be >= 1 and divide both the (per-host) batch size {batch_size} and the"
+                f" number of examples {len(data)}: write the caption CSV in whole groups and pick a batch size that"
+                " is a multiple of the group size"
+            )
+        if len(data) // group_size < process_count:
+            raise ValueError(
+                f"{len(data) // group_size} groups of {group_size} cannot be split over {process_count} hosts:"
+                " use fewer hosts or smaller groups"
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1} (process_count)")
         if len(data) < process_count:
@@ -603,16 +621,18 @@ class BatchIterator:
         self.data, self.batch_size = data, batch_size
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.process_index, self.process_count = process_index, process_count
-        self.drop_remainder, self.as_float = drop_remainder, as_float
+        self.drop_remainder, self.as_float, self.group_size = drop_remainder, as_float, group_size
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
 
     def host_order(self, epoch: int) -> np.ndarray:
         """This host's example indices for ``epoch``, in visiting order: int64 [about N / process_count]."""
         if epoch != self._order_epoch:
-            n = len(self.data)
+            g = self.group_size
+            n = len(self.data) // g
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order, self._order_epoch = order[self.process_index :: self.process_count], epoch
+            groups = order[self.process_index :: self.process_count]
+            self._order, self._order_epoch = (groups[:, None] * g + np.arange(g)).reshape(-1), epoch
         return self._order
 
     def __iter__(self) -> BatchIterator:
@@ -642,6 +662,7 @@ class BatchIterator:
             "num_examples": len(self.data),
             "process_index": self.process_index,
             "process_count": self.process_count,
+            "group_size": self.group_size,
         }
 
     def get_state(self) -> dict[str, int]:

@@ -26,6 +26,8 @@ import csv
 import dataclasses
 import itertools
 import json
+import os
+import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -351,3 +353,54 @@ __all__ = [
     "shape_mask",
     "split_combinations",
 ]
+
+
+def write_direction_groups(
+    source: str | Path, out_dir: str | Path, *, groups_per_pair: int = 16, seed: int = 0
+) -> Path:
+    """A caption CSV over ``source``'s clips in direction groups: contrastive batches for the direction word.
+
+    For every (colour, shape) pair of ``source`` (a :func:`generate_dataset` folder), ``groups_per_pair`` runs of
+    one clip per direction (in ``DIRECTIONS`` order), each drawn at random from ``source``'s clips of that triple.
+    A triple ``source`` lacks (a held-out one) is filled with a clip of the same shape, another colour (else the
+    same colour, another shape), so every run has all the directions. Trained with ``data.batch_group_size`` =
+    ``len(DIRECTIONS)``, each batch then holds whole runs. The videos stay where they are: ``out_dir/captions.csv``
+    refers to them by relative paths.
+
+    Returns:
+      the written ``captions.csv``.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    records = read_metadata(source)
+    by_triple: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        by_triple.setdefault((r["colour"], r["shape"], r["direction"]), []).append(r)
+    rng = random.Random(seed)
+    rows = []
+    for colour, shape in sorted({(r["colour"], r["shape"]) for r in records}):
+        for _ in range(groups_per_pair):
+            for direction in DIRECTIONS:
+                pool = (
+                    by_triple.get((colour, shape, direction))
+                    or [r for (c, s, d), rs in by_triple.items() if d == direction and s == shape for r in rs]
+                    or [r for (c, s, d), rs in by_triple.items() if d == direction and c == colour for r in rs]
+                )
+                if not pool:
+                    raise ValueError(
+                        f"{source} has no clip moving {direction} of shape {shape} or colour {colour} to fill a"
+                        " group with: generate more clips"
+                    )
+                rows.append(rng.choice(pool))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = Path(os.path.relpath(source.resolve(), out_dir.resolve()))
+    target = out_dir / "captions.csv"
+    tmp = target.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_path", "caption", "colour", "shape", "direction"])
+        for r in rows:
+            writer.writerow(
+                [(prefix / r["video_path"]).as_posix(), r["caption"], r["colour"], r["shape"], r["direction"]]
+            )
+    os.replace(tmp, target)
+    return target
