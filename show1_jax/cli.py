@@ -122,7 +122,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
     from show1_jax import demo
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else list(demo.STAGES)
-    out = Path(args.output) if args.output else demo.DEFAULT_WEIGHTS
+    out = Path(args.output) if args.output else Path(args.workdir) / "show1-shapes"
     written = demo.train_recipe(
         args.workdir, out, stages=stages, steps_scale=args.steps_scale, overrides=args.overrides,
         num_clips=args.clips or demo.NUM_CLIPS,
@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = shapes.add_parser("train", help="run the recipe configs/shapes/train_*.yaml and write the shipped layout")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every stage's settings")
     q.add_argument("--workdir", default="runs/shapes", help="clips, datasets, checkpoints (resumable)")
-    q.add_argument("--output", default=None, help="where the five repositories go (default: the shipped folder)")
     q.add_argument(
-        "--stages", default=None, help="comma-separated subset of vae,keyframes,interpolation,first_frame,sr1,sr2"
+        "--output", default=None, help="where the five repositories go (must not exist; default: WORKDIR/show1-shapes)"
     )
+    q.add_argument("--stages", default=None, help="comma-separated subset of the recipe's runs (show1_jax.demo.STAGES)")
     q.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
     q.add_argument("--clips", type=int, default=None, help="training clips to render (default 1536)")
     q.set_defaults(func=cmd_shapes_train)

@@ -219,7 +219,8 @@ def train_recipe(
 
     Resumable: clips, text encoders, built datasets and finished stages (their exported model) are reused; a stage
     interrupted mid-run resumes from its last checkpoint. ``steps_scale`` multiplies every stage's steps (for
-    quick checks); ``overrides`` (``key=value``) apply to every stage.
+    quick checks); ``overrides`` (``key=value``) apply to every stage. ``out`` must not exist (checked before any
+    training).
 
     Returns:
       ``out``, written atomically by :func:`assemble`.
@@ -231,6 +232,8 @@ def train_recipe(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}: choose from {list(STAGES)}")
+    if Path(out).exists():  # checked now, not after hours of training
+        raise FileExistsError(f"{out} exists: choose a new output folder or remove it first")
     workdir = Path(workdir).resolve()
     write_text_encoders(workdir / "text")
     timings_path = workdir / "timings.json"  # seconds per run, kept across resumed invocations

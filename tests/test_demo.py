@@ -57,6 +57,10 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
     assert demo.stage_settings("keyframes", tmp_path, overrides=["steps=3"]).steps == 3
     with pytest.raises(ValueError, match="unknown stages"):
         demo.train_recipe(tmp_path, tmp_path / "out", stages=["keyframes", "sr3"])
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="taken exists: choose a new output folder"):
+        demo.train_recipe(tmp_path / "work", tmp_path / "taken")
+    assert not (tmp_path / "work").exists()  # refused before rendering or training anything
 
 
 def fake_runs(workdir: Path) -> None:
