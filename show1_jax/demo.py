@@ -74,10 +74,10 @@ DIRECTION_GROUP_SETS = {"clips_quad": "clips_c0"}
 # its file says why the run is there). A finetune (FINETUNES) starts from its parent run's export (model.pretrained
 # filled in): the VAE trains longer; the keyframe UNet is trained first to predict noise, switched to v-prediction
 # (whose predictions stay accurate at the highest noise levels, where this small model's epsilon left a noisy
-# background), then moved through the clip sets above and taught the direction word with direction groups at high
-# noise. SR2 trains in the latent space of the finished VAE.
+# background), then moved through the clip sets above and taught the direction word with direction groups (at high
+# noise, then at all noise levels). SR2 trains in the latent space of the finished VAE.
 KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
-                 "keyframes_c0", "keyframes_quad", "keyframes_quad2")  # fmt: skip
+                 "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3")  # fmt: skip
 STAGES = ("vae", "vae_more", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2")
 FINETUNES = {"vae_more": "vae", **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}
 SR2_VAE_RUN = "vae_more"

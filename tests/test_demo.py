@@ -25,6 +25,11 @@ def test_split_holds_out_unseen_triples():
     assert 0.15 <= len(split.held_out) / len(attribute_combinations(demo.DATASET)) <= 0.25
 
 
+CLIP_SET_OF = {"keyframes_c": "clips_c", "keyframes_c1": "clips_c1", "keyframes_pe": "clips_c1",
+               "keyframes_c0": "clips_c0", "keyframes_quad": "clips_quad", "keyframes_quad2": "clips_quad",
+               "keyframes_quad3": "clips_quad"}  # fmt: skip
+
+
 def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
     for run in demo.STAGES:
         settings = demo.stage_settings(run, tmp_path, steps_scale=0.5)
@@ -34,8 +39,7 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
         assert Path(settings.workdir) == tmp_path / "runs" / run
         clip_set = Path(settings.data.source).name
         assert Path(settings.data.source).parent == tmp_path
-        assert clip_set == ("clips" if not run.startswith("keyframes_") or run in ("keyframes_v", "keyframes_long")
-                            else "clips_" + run.split("_")[1].replace("pe", "c1").replace("quad2", "quad"))  # fmt: skip
+        assert clip_set == CLIP_SET_OF.get(run, "clips")
         suffix = "" if clip_set == "clips" else f"_{clip_set}"  # one dataset per trainer stage and clip set
         assert Path(settings.data.build_dir) == tmp_path / "data" / f"{settings.stage}{suffix}"
     chain = [demo.stage_settings(run, tmp_path) for run in demo.KEYFRAME_RUNS]
