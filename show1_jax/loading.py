@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,16 @@ def build_config(raw_config: dict[str, Any], source: str = "config.json"):
     model_cls, _ = family_of(name)
     body = {k: v for k, v in raw_config.items() if k != CONVERTED_MARKER}
     return name, model_cls.config_class.from_dict(body)
+
+
+def with_overrides(config: Any, overrides: Mapping[str, Any], source: str | Path) -> Any:
+    """``dataclasses.replace(config, **overrides)``, refusing names that are not fields of the config (``source``
+    names where the config came from, for the message)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"config_overrides {unknown} are not fields of {source}'s model: choose from {sorted(fields)}")
+    return dataclasses.replace(config, **overrides)
 
 
 class AbstractRngs:
@@ -210,13 +220,7 @@ def load_component(
         raise FileNotFoundError(f"{folder} is not a folder: pass a component folder such as show-1-base/unet")
     raw = read_json(folder / "config.json")
     if config_overrides:
-        fields = {f.name for f in dataclasses.fields(family_of(class_name_of(raw, str(folder)))[0].config_class)}
-        unknown = sorted(set(config_overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"config_overrides {unknown} are not fields of {folder / 'config.json'}'s model: choose from"
-                f" {sorted(fields)}"
-            )
+        with_overrides(build_config(raw, str(folder / "config.json"))[1], config_overrides, folder / "config.json")
         raw = {**raw, **config_overrides}
     if CONVERTED_MARKER in raw:
         return _load_converted(folder, raw, dtype=dtype, sharding=sharding)

@@ -986,7 +986,7 @@ def build_model(
     """The model to train: loaded from ``model.pretrained`` (into ``sharding``), or randomly initialised from
     ``model.config`` (a preset or a config.json); checked against ``stage`` (:func:`check_stage`)."""
     from show1_jax import tiny
-    from show1_jax.loading import load_component
+    from show1_jax.loading import load_component, with_overrides
 
     dtype = _dtype(model.dtype)
     if model.pretrained is not None:
@@ -1000,11 +1000,7 @@ def build_model(
     else:
         model_cls, config = _config_json(model.config, stage)
     if model.config_overrides:
-        fields = {f.name for f in dataclasses.fields(config)}
-        unknown = sorted(set(model.config_overrides) - fields)
-        if unknown:
-            raise ValueError(f"model.config_overrides {unknown} are not config fields: choose from {sorted(fields)}")
-        config = dataclasses.replace(config, **model.config_overrides)
+        config = with_overrides(config, model.config_overrides, f"model.config={model.config}")
     check_stage(stage, config)
     return tiny.random_model(model_cls, config, seed=model.seed, dtype=dtype)
 

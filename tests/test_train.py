@@ -686,6 +686,13 @@ def test_batch_groups_reach_the_trainers_iterator(workspace, tmp_path):
         run_training(settings)
 
 
+def test_config_overrides_reach_a_fresh_model_and_name_unknown_fields():
+    coded = ModelSettings(config="tiny_base", config_overrides={"temporal_position_embedding": "sinusoidal"})
+    assert build_model(coded).config.temporal_position_embedding == "sinusoidal"
+    with pytest.raises(ValueError, match=r"\['frame_code'\] are not fields of model.config=tiny_base's model"):
+        build_model(ModelSettings(config="tiny_base", config_overrides={"frame_code": 1}))
+
+
 def test_frame_noise_correlation_trains_keyframes_only(workspace, tmp_path, monkeypatch):
     """diffusion.frame_noise_correlation reaches the train step's noise draw; other stages and values outside [0, 1)
     are refused with the setting named."""
