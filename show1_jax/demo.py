@@ -157,12 +157,7 @@ def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrid
     path = SHAPES_CONFIGS / f"train_{run}.yaml"
     raw = read_yaml(path)  # a finetune's own file is incomplete (no model) until its parent is filled in
     stage = raw["stage"]
-    clip_set = str(raw.get("data", {}).get("source", "clips"))
-    if clip_set not in CLIP_SETS and clip_set not in DIRECTION_GROUP_SETS:
-        raise ValueError(
-            f"{path}: data.source `{clip_set}` is not a clip set of the recipe: choose from"
-            f" {sorted([*CLIP_SETS, *DIRECTION_GROUP_SETS])}"
-        )
+    clip_set = _check_clip_set(str(raw.get("data", {}).get("source", "clips")), f"{path}: data.source: ")
     text = {"sr2": workdir / "text" / "show-1-sr2" / "text_encoder", "vae": None}.get(
         stage, workdir / "text" / "show-1-base" / "text_encoder"
     )
@@ -182,6 +177,13 @@ def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrid
     return load_settings(TrainSettings, path, [*filled, *overrides])
 
 
+def _check_clip_set(name: str, where: str = "") -> str:
+    """``name`` if it is a clip set of the recipe, else a ValueError listing them (``where``: a message prefix)."""
+    if name not in CLIP_SETS and name not in DIRECTION_GROUP_SETS:
+        raise ValueError(f"{where}unknown clip set `{name}`: choose from {sorted([*CLIP_SETS, *DIRECTION_GROUP_SETS])}")
+    return name
+
+
 def prepare_clip_set(
     workdir: str | Path, name: str, *, num_clips: int = NUM_CLIPS, log: Callable[[str], None] = print
 ) -> Path:
@@ -197,8 +199,7 @@ def prepare_clip_set(
         log(f"writing {name}: {source.name} in direction groups")
         write_direction_groups(source, folder)
         return folder
-    if name not in CLIP_SETS:
-        raise ValueError(f"unknown clip set `{name}`: choose from {sorted([*CLIP_SETS, *DIRECTION_GROUP_SETS])}")
+    _check_clip_set(name)
     log(f"rendering {num_clips} training clips of {len(split().train)} triples into {folder}")
     with tqdm(total=num_clips, desc=name, unit="clip") as bar:
         generate_dataset(folder, num_clips, CLIP_SETS[name], combinations=split().train, seed=0, progress=bar)

@@ -24,6 +24,7 @@ from show1_jax.data.synthetic import (
     generate_dataset,
     render_clip,
     split_combinations,
+    write_direction_groups,
 )
 from show1_jax.data.videos import (
     Clip,
@@ -66,5 +67,6 @@ __all__ = [
     "sample_frame_indices",
     "save_caption_embeddings",
     "split_combinations",
+    "write_direction_groups",
     "write_video",
 ]

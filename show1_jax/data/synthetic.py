@@ -336,25 +336,6 @@ def read_metadata(folder: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-__all__ = [
-    "COLOURS",
-    "DIRECTIONS",
-    "SHAPES",
-    "ClipSpec",
-    "Combination",
-    "CombinationSplit",
-    "SyntheticConfig",
-    "attribute_combinations",
-    "caption_for",
-    "clip_specs",
-    "generate_dataset",
-    "read_metadata",
-    "render_clip",
-    "shape_mask",
-    "split_combinations",
-]
-
-
 def write_direction_groups(
     source: str | Path, out_dir: str | Path, *, groups_per_pair: int = 16, seed: int = 0
 ) -> Path:
@@ -404,3 +385,23 @@ def write_direction_groups(
             )
     os.replace(tmp, target)
     return target
+
+
+__all__ = [
+    "COLOURS",
+    "DIRECTIONS",
+    "SHAPES",
+    "ClipSpec",
+    "Combination",
+    "CombinationSplit",
+    "SyntheticConfig",
+    "attribute_combinations",
+    "caption_for",
+    "clip_specs",
+    "generate_dataset",
+    "read_metadata",
+    "render_clip",
+    "shape_mask",
+    "split_combinations",
+    "write_direction_groups",
+]
