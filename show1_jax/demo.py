@@ -75,11 +75,12 @@ DIRECTION_GROUP_SETS = {"clips_quad": "clips_c0"}
 # filled in): the VAE trains longer; the keyframe UNet is trained first to predict noise, switched to v-prediction
 # (whose predictions stay accurate at the highest noise levels, where this small model's epsilon left a noisy
 # background), then moved through the clip sets above and taught the direction word with direction groups (at high
-# noise, then at all noise levels). SR2 trains in the latent space of the finished VAE.
+# noise, then at all noise levels). SR2 trains in the latent space of run 2's VAE (vae_more), whose decoder alone is
+# then taught to restore blurry, upsampled inputs (vae_restore: same latent space, so the shipped VAE).
 KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
-                 "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3")  # fmt: skip
-STAGES = ("vae", "vae_more", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2")
-FINETUNES = {"vae_more": "vae", **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}
+                 "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3", "keyframes_quad4")  # fmt: skip
+STAGES = ("vae", "vae_more", "vae_restore", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2")
+FINETUNES = {"vae_more": "vae", "vae_restore": "vae_more", **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}
 SR2_VAE_RUN = "vae_more"
 # Where each shipped model comes from and goes in the released layout.
 REPOS = {
@@ -88,7 +89,7 @@ REPOS = {
     "first_frame": ("IF-II-L", "unet"),
     "sr1": ("show-1-sr1", "unet"),
     "sr2": ("show-1-sr2", "unet"),
-    "vae_more": ("show-1-sr2", "vae"),
+    "vae_restore": ("show-1-sr2", "vae"),
 }
 
 

@@ -343,7 +343,7 @@ def _load_converted(folder: Path, raw: dict, *, dtype, sharding: ShardingFn | No
         targets[target] = jax.ShapeDtypeStruct(
             shape, jnp.dtype(dtype), sharding=shard or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         )
-    params_dir = folder / CONVERTED_PARAMS_DIR
+    params_dir = (folder / CONVERTED_PARAMS_DIR).absolute()  # orbax reads no metadata from a relative path
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir} is missing: the converted folder is incomplete, convert it again")
     with ocp.StandardCheckpointer() as ckptr:

@@ -115,6 +115,7 @@ STAGE_PRESETS = {  # the tiny preset to suggest when a model does not fit its st
     "vae": "tiny_vae",
 }
 TEMPORAL_PARTS = ("temp_convs", "temp_attentions", "transformer_in")
+DECODER_PARTS = ("decoder", "post_quant_conv")  # an AutoencoderKL's latent -> image half
 DEFAULT_MAX_TIMESTEP = {"sr2": 900}  # "finetuned using diffusion timesteps 0-900" (SPEC.md §9)
 DEFAULT_NUM_FRAMES = {"interpolation": 5}  # SPEC.md §3.4; other stages: the dataset's clips
 
@@ -157,15 +158,18 @@ class ModelView:
 
 
 def is_trainable(key: str, which: str) -> bool:
-    """Whether parameter ``key`` trains under ``optim.trainable`` = ``which`` (all, temporal, temporal_attention)."""
+    """Whether parameter ``key`` trains under ``optim.trainable`` = ``which`` (all, temporal, temporal_attention,
+    decoder)."""
     parts = key.split(".")
     if which == "all":
         return True
+    if which == "decoder":
+        return parts[0] in DECODER_PARTS
     if which == "temporal":
         return any(p in parts for p in TEMPORAL_PARTS)
     if which == "temporal_attention":
         return "temp_attentions" in parts
-    raise ValueError(f"unknown trainable selection `{which}`: all, temporal or temporal_attention")
+    raise ValueError(f"unknown trainable selection `{which}`: all, temporal, temporal_attention or decoder")
 
 
 def partition_params(params: Params, which: str) -> tuple[Params, Params]:
@@ -173,7 +177,8 @@ def partition_params(params: Params, which: str) -> tuple[Params, Params]:
     trainable = {k: v for k, v in params.items() if is_trainable(k, which)}
     if not trainable:
         raise ValueError(
-            f"optim.trainable={which} selects no parameter of this model (it has no temporal layers?): use `all`"
+            f"optim.trainable={which} selects no parameter of this model (temporal layers in a 2D model, or a"
+            " decoder in a UNet?): use `all`"
         )
     return trainable, {k: v for k, v in params.items() if k not in trainable}
 
@@ -622,7 +627,9 @@ def vae_loss(vae: nnx.Module, images: Array, key: Array, settings: VAESettings) 
       (scalar loss, {"rec": mean |x - x̂| (l1) or (x - x̂)² (mse) per pixel value, "kl": KL per image in nats
       (summed over the latent)}), float32.
     """
-    mean, logvar = vae.encode(images)  # [B, h, w, 4] each
+    k_degrade, key = jax.random.split(key)
+    encoded = degrade_images(images, k_degrade, settings) if settings.degrade_prob > 0 else images
+    mean, logvar = vae.encode(encoded)  # [B, h, w, 4] each
     recon = vae.decode(vae.sample_posterior(mean, logvar, key=key)).astype(jnp.float32)  # [B, H, W, 3]
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
     diff = recon - images.astype(jnp.float32)
@@ -632,6 +639,50 @@ def vae_loss(vae: nnx.Module, images: Array, key: Array, settings: VAESettings) 
     kl_sum = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))  # [B]
     loss = jnp.mean(rec_sum + settings.kl_weight * kl_sum) / pixel_values
     return loss, {"rec": jnp.mean(rec_sum) / pixel_values, "kl": jnp.mean(kl_sum)}
+
+
+def degrade_images(images: Array, key: Array, settings: VAESettings) -> Array:
+    """``images`` [B, H, W, 3] in [-1, 1] with each, with probability ``settings.degrade_prob``, degraded as a latent
+    upsampler's input is (:class:`VAESettings`): reduced ``degrade_factor`` times (linear, antialiased), resized
+    back (bicubic), blurred by a Gaussian of standard deviation uniform in [0, ``degrade_blur``] pixels."""
+    b, h, w, c = images.shape
+    k_apply, k_sigma = jax.random.split(key)
+    x = images.astype(jnp.float32)
+    factor = settings.degrade_factor
+    if factor > 1:
+        small = jax.image.resize(x, (b, max(1, h // factor), max(1, w // factor), c), "linear", antialias=True)
+        x = jax.image.resize(small, (b, h, w, c), "cubic")
+    if settings.degrade_blur > 0:
+        sigma = jax.random.uniform(k_sigma, (b,), maxval=settings.degrade_blur)
+        x = gaussian_blur(x, sigma, max_sigma=settings.degrade_blur)
+    x = jnp.clip(x, -1.0, 1.0)
+    chosen = jax.random.bernoulli(k_apply, settings.degrade_prob, (b,))[:, None, None, None]
+    return jnp.where(chosen, x, images.astype(jnp.float32)).astype(images.dtype)
+
+
+def gaussian_blur(images: Array, sigma: Array, *, max_sigma: float | None = None) -> Array:
+    """Separable Gaussian blur of [B, H, W, C] with one standard deviation per image (``sigma`` [B], pixels; 0
+    leaves the image as it is), edges replicated. The kernel reaches 3 ``max_sigma`` pixels (default: the largest
+    of ``sigma``, which must then be concrete)."""
+    reach = float(jnp.max(sigma)) if max_sigma is None else max_sigma
+    radius = max(1, math.ceil(3.0 * reach))
+    offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)  # [K]
+    s = jnp.maximum(sigma.astype(jnp.float32), 1e-3)[:, None]  # [B, 1]
+    weights = jnp.exp(-0.5 * jnp.square(offsets[None] / s))
+    weights = weights / jnp.sum(weights, axis=1, keepdims=True)  # [B, K]
+
+    def along(x: Array, axis: int) -> Array:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (radius, radius)
+        padded = jnp.pad(x, pad, mode="edge")
+        size = x.shape[axis]
+        out = jnp.zeros_like(x)
+        for i in range(2 * radius + 1):
+            window = jax.lax.slice_in_dim(padded, i, i + size, axis=axis)
+            out = out + weights[:, i, None, None, None] * window
+        return out
+
+    return along(along(images, 1), 2)
 
 
 def make_vae_train_step(

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 STAGES = ("keyframes", "interpolation", "first_frame", "sr1", "sr2", "vae")
 UNET_STAGES = ("keyframes", "interpolation", "first_frame", "sr1", "sr2")
-TRAINABLE = ("all", "temporal", "temporal_attention")
+TRAINABLE = ("all", "temporal", "temporal_attention", "decoder")
 LR_SCHEDULES = ("constant", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 RECONSTRUCTION_LOSSES = ("l1", "mse")
@@ -165,11 +165,20 @@ class VAESettings:
     ``fit_scaling_factor``: at export, set the config's ``scaling_factor`` to 1 / std of posterior samples of every
     frame of the first training batch (as SD did), so SR2 sees unit-variance latents; false keeps the config's
     (finetuning a VAE that a latent UNet was trained with).
+
+    ``degrade_prob``: the probability that an image is *encoded* degraded as a latent upsampler's input is (reduced
+    by ``degrade_factor`` with an antialiased linear filter, brought back by bicubic resizing, then blurred by a
+    Gaussian of standard deviation uniform in [0, ``degrade_blur``] pixels) while the loss still compares the
+    decoding with the clean image: with ``optim.trainable=decoder`` the decoder learns to restore the colours and
+    edges that an upsampled, blurry video's latents lose. 0 (default): plain reconstruction.
     """
 
     kl_weight: float = 1e-6
     reconstruction_loss: str = "l1"
     fit_scaling_factor: bool = True
+    degrade_prob: float = 0.0
+    degrade_factor: int = 2
+    degrade_blur: float = 0.0
 
     def __post_init__(self):
         if self.kl_weight < 0:
@@ -178,6 +187,12 @@ class VAESettings:
             raise ValueError(
                 f"vae.reconstruction_loss `{self.reconstruction_loss}`: choose one of {RECONSTRUCTION_LOSSES}"
             )
+        if not 0.0 <= self.degrade_prob <= 1.0:
+            raise ValueError(f"vae.degrade_prob is a probability, got {self.degrade_prob}")
+        if self.degrade_factor < 1:
+            raise ValueError(f"vae.degrade_factor must be >= 1 (1: no resizing), got {self.degrade_factor}")
+        if self.degrade_blur < 0:
+            raise ValueError(f"vae.degrade_blur is a standard deviation in pixels (>= 0), got {self.degrade_blur}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +253,9 @@ class OptimSettings:
     """AdamW with linear warmup then a constant or cosine learning rate, global-norm clipping and optional EMA.
 
     ``trainable``: ``all`` parameters, ``temporal`` layers only (``temp_convs``, ``temp_attentions``,
-    ``transformer_in``) or ``temporal_attention`` only (``temp_attentions``: motion customization, SPEC.md §9).
+    ``transformer_in``), ``temporal_attention`` only (``temp_attentions``: motion customization, SPEC.md §9) or,
+    for the autoencoder, its ``decoder`` only (``decoder`` and ``post_quant_conv``: the latent space, and so a
+    latent UNet trained in it, stays valid).
     Frozen parameters get no gradient, no optimizer state and no EMA copy.
     ``decay_steps``: the step the cosine reaches ``end_learning_rate``; default (null) the run's ``steps``. Set it
     to stop a run part-way along a longer schedule (a recipe run reproducing one exported mid-run).

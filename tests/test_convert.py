@@ -60,6 +60,14 @@ def test_converted_format_round_trip_and_dtype(tmp_path):
     assert all(v.dtype == jnp.bfloat16 for v in flat_params(half).values())
 
 
+def test_converted_folders_save_and_load_by_relative_path(tmp_path, monkeypatch):
+    model = tiny_unet()
+    monkeypatch.chdir(tmp_path)
+    assert save_converted(model, Path("rel") / "conv") == (tmp_path / "rel" / "conv").resolve()
+    assert_same_params(model, load_component(Path("rel") / "conv"))
+    assert_same_params(model, load_component("rel/conv"))
+
+
 def test_config_overrides_change_a_parameter_free_field_and_refuse_unknown_names(tmp_path):
     model = tiny_unet()
     save_converted(model, tmp_path / "conv")

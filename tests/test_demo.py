@@ -27,7 +27,7 @@ def test_split_holds_out_unseen_triples():
 
 CLIP_SET_OF = {"keyframes_c": "clips_c", "keyframes_c1": "clips_c1", "keyframes_pe": "clips_c1",
                "keyframes_c0": "clips_c0", "keyframes_quad": "clips_quad", "keyframes_quad2": "clips_quad",
-               "keyframes_quad3": "clips_quad"}  # fmt: skip
+               "keyframes_quad3": "clips_quad", "keyframes_quad4": "clips_quad"}  # fmt: skip
 
 
 def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
@@ -56,6 +56,12 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
     assert v.diffusion.prediction_type == "v_prediction"
     assert demo.stage_settings("vae_more", tmp_path).model.pretrained == str(tmp_path / "runs" / "vae" / "vae")
     assert demo.stage_settings("sr2", tmp_path).model.vae == str(tmp_path / "runs" / "vae_more" / "vae")
+    # the decoder-only run continues vae_more, so SR2's latent space is the shipped VAE's
+    restore = demo.stage_settings("vae_restore", tmp_path)
+    assert restore.model.pretrained == str(tmp_path / "runs" / "vae_more" / "vae")
+    assert restore.optim.trainable == "decoder" and restore.vae.degrade_prob > 0
+    assert not restore.vae.fit_scaling_factor
+    assert demo.REPOS["vae_restore"] == ("show-1-sr2", "vae")
     assert demo.stage_settings("sr2", tmp_path).data.text_encoder.endswith("show-1-sr2/text_encoder")
     assert demo.stage_settings("keyframes", tmp_path).data.text_encoder.endswith("show-1-base/text_encoder")
     assert demo.stage_settings("keyframes", tmp_path, overrides=["steps=3"]).steps == 3
@@ -75,12 +81,12 @@ def fake_runs(workdir: Path) -> None:
         "first_frame": (UNet2DConditionModel, TINY_IF2),
         "sr1": (UNet3DConditionModel, TINY_SR1),
         "sr2": (UNet3DConditionModel, TINY_SR2),
-        "vae_more": (AutoencoderKL, TINY_VAE),
+        "vae_restore": (AutoencoderKL, TINY_VAE),
     }
     for i, (stage, (cls, config)) in enumerate(models.items()):
         run = workdir / "runs" / stage
         save_converted(random_model(cls, config, seed=i), run / demo.REPOS[stage][1])
-        if stage != "vae_more":
+        if stage != "vae_restore":
             (run / "scheduler").mkdir(parents=True)
             (run / "scheduler" / "scheduler_config.json").write_text("{}")
     demo.write_text_encoders(workdir / "text")

@@ -593,6 +593,75 @@ def test_vae_stage_learns_fits_its_scaling_factor_and_feeds_sr2(workspace, tmp_p
     assert 0.8 < float(jnp.std(latents)) < 1.25
 
 
+def test_vae_decoder_finetune_on_degraded_inputs_keeps_the_latent_space(workspace, tmp_path):
+    """``optim.trainable=decoder`` with ``vae.degrade_prob``: the encoder (and so every latent) is bitwise what it
+    was, the decoder trains; the config's scaling factor is kept (``fit_scaling_factor=false``)."""
+    workdir = tmp_path / "restore"
+    overrides = [
+        "stage=vae",
+        f"workdir={workdir}",
+        "steps=3",
+        "mesh=data=1,fsdp=1",
+        f"model.config={workspace / 'micro_vae.json'}",
+        f"data.source={workspace / 'clips'}",
+        f"data.build_dir={workspace / 'built'}",
+        *DATA_OVERRIDES,
+        "optim.trainable=decoder",
+        "optim.learning_rate=0.002",
+        "vae.fit_scaling_factor=false",
+        "vae.degrade_prob=1.0",
+        "vae.degrade_blur=1.5",
+        "checkpoint.every=100",
+    ]
+    result = run_training(load_settings(TrainSettings, None, overrides))
+    before = flat_params(random_model(AutoencoderKL, MICRO_VAE, seed=0))
+    after = load_component(result.model_dir)
+    assert after.config == MICRO_VAE
+    after = flat_params(after)
+    decoder = [k for k in before if is_trainable(k, "decoder")]
+    assert decoder and all(k.startswith(("decoder.", "post_quant_conv.")) for k in decoder)
+    assert any(k.startswith("encoder.") for k in before) and any(k.startswith("quant_conv.") for k in before)
+    for key, value in before.items():
+        if key not in decoder:
+            np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value), err_msg=key)
+    assert sum(not np.array_equal(after[k], before[k]) for k in decoder) > len(decoder) // 2
+    # A UNet has no decoder to train: the error says so.
+    with pytest.raises(ValueError, match=r"optim.trainable=decoder selects no parameter.*use `all`"):
+        run_training(micro_settings(workspace, tmp_path / "unet", "optim.trainable=decoder", "steps=1"))
+
+
+def test_degrade_images_resizes_and_blurs_as_configured():
+    from show1_jax.train import degrade_images, gaussian_blur
+    from show1_jax.train_settings import VAESettings
+
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.uniform(-1, 1, (4, 16, 24, 3)), jnp.float32)
+    key = jax.random.key(3)
+    # Probability 0, or nothing to do: the images come back unchanged.
+    for settings in (VAESettings(degrade_prob=0.0, degrade_blur=2.0), VAESettings(degrade_prob=1.0, degrade_factor=1)):
+        np.testing.assert_array_equal(np.asarray(degrade_images(images, key, settings)), np.asarray(images))
+    # x2 down and back: a smooth image survives, a checkerboard (Nyquist) is averaged away to its mean.
+    yy, xx = np.meshgrid(np.arange(16), np.arange(24), indexing="ij")
+    smooth = jnp.asarray(np.broadcast_to((0.5 * np.sin(xx / 6.0))[None, ..., None], (1, 16, 24, 3)), jnp.float32)
+    checker = jnp.asarray(np.broadcast_to((((yy + xx) % 2) - 0.5)[None, ..., None], (1, 16, 24, 3)), jnp.float32)
+    halve = VAESettings(degrade_prob=1.0, degrade_factor=2)
+    assert float(jnp.max(jnp.abs(degrade_images(smooth, key, halve) - smooth))) < 0.05
+    assert float(jnp.max(jnp.abs(degrade_images(checker, key, halve)[:, 2:-2, 2:-2]))) < 0.05
+    # The blur: an impulse spreads with the requested standard deviation and keeps its mass; sigma 0 is identity.
+    impulse = jnp.zeros((2, 21, 21, 1)).at[:, 10, 10].set(1.0)
+    blurred = np.asarray(gaussian_blur(impulse, jnp.asarray([0.0, 1.5])))
+    np.testing.assert_allclose(blurred[0], np.asarray(impulse[0]), atol=1e-6)
+    profile = blurred[1, 10, :, 0] / blurred[1, 10, :, 0].sum()
+    offsets = np.arange(21) - 10
+    np.testing.assert_allclose(np.sqrt((profile * offsets**2).sum()), 1.5, rtol=0.02)
+    np.testing.assert_allclose(blurred[1].sum(), 1.0, rtol=1e-5)
+    # degrade_prob 0.5 over many images: about half change.
+    many = jnp.asarray(rng.uniform(-1, 1, (64, 8, 8, 3)), jnp.float32)
+    changed = np.asarray(jnp.any(degrade_images(many, key, VAESettings(degrade_prob=0.5, degrade_blur=1.0)) != many,
+                                 axis=(1, 2, 3)))  # fmt: skip
+    assert 20 <= changed.sum() <= 44, changed.sum()
+
+
 def test_single_frame_stages_refuse_models_and_settings_that_do_not_fit(workspace, tmp_path):
     from show1_jax.settings import SettingsError
 
@@ -628,6 +697,10 @@ def test_single_frame_stages_refuse_models_and_settings_that_do_not_fit(workspac
     bad_settings = [
         (["stage=vae", "vae.kl_weight=-1.0"], r"vae.kl_weight must be >= 0"),
         (["stage=vae", "vae.reconstruction_loss=l2"], r"choose one of \('l1', 'mse'\)"),
+        (["stage=vae", "vae.degrade_prob=1.5"], r"vae.degrade_prob is a probability"),
+        (["stage=vae", "vae.degrade_factor=0"], r"vae.degrade_factor must be >= 1"),
+        (["stage=vae", "vae.degrade_blur=-1"], r"vae.degrade_blur is a standard deviation"),
+        (["optim.trainable=encoder"], r"choose one of \('all', 'temporal', 'temporal_attention', 'decoder'\)"),
         (["stage=vae", "model.vae=tiny"], r"model.vae is SR2's frozen VAE"),
         (["stage=first_frame", "first_frame.low_res_factor=0"], r"first_frame.low_res_factor must be >= 1"),
         (["stage=first_frame", "diffusion.num_frames=4"], r"single frames.*diffusion.num_frames=null"),
