@@ -69,6 +69,10 @@ CLIP_SETS = {
     "clips_c0": dataclasses.replace(DATASET, start_spread=0.0, speed=1),
 }
 DIRECTION_GROUP_SETS = {"clips_quad": "clips_c0"}
+# `clips_splice`: clips_quad's rows, half of them captioned with a spliced embedding (`write_spliced_captions`): the
+# direction word's tokens as T5 encodes them in another training caption (same direction, another colour and shape).
+# Name -> (source set, probability, seed).
+SPLICED_SETS = {"clips_splice": ("clips_quad", 0.5, 0)}
 
 # The recipe's training runs in order, one configs/shapes/train_<run>.yaml each (its `stage:` is the trainer stage;
 # its file says why the run is there). A finetune (FINETUNES) starts from its parent run's export (model.pretrained
@@ -78,7 +82,8 @@ DIRECTION_GROUP_SETS = {"clips_quad": "clips_c0"}
 # noise, then at all noise levels). SR2 trains in the latent space of run 2's VAE (vae_more), whose decoder alone is
 # then taught to restore blurry, upsampled inputs (vae_restore: same latent space, so the shipped VAE).
 KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
-                 "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3", "keyframes_quad4")  # fmt: skip
+                 "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3",
+                 "keyframes_splice")  # fmt: skip
 STAGES = ("vae", "vae_more", "vae_restore", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2")
 FINETUNES = {"vae_more": "vae", "vae_restore": "vae_more", **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}
 SR2_VAE_RUN = "vae_more"
@@ -170,6 +175,8 @@ def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrid
     ]
     if text is not None:
         filled.append(f"data.text_encoder={text}")
+    if clip_set in SPLICED_SETS:
+        filled.append(f"data.embeddings={workdir / clip_set / 'embeddings.npz'}")
     if run in FINETUNES:
         parent = FINETUNES[run]
         filled += [f"model.pretrained={workdir / 'runs' / parent / component(parent)}", "model.config=null"]
@@ -180,8 +187,9 @@ def stage_settings(run: str, workdir: Path, *, steps_scale: float = 1.0, overrid
 
 def _check_clip_set(name: str, where: str = "") -> str:
     """``name`` if it is a clip set of the recipe, else a ValueError listing them (``where``: a message prefix)."""
-    if name not in CLIP_SETS and name not in DIRECTION_GROUP_SETS:
-        raise ValueError(f"{where}unknown clip set `{name}`: choose from {sorted([*CLIP_SETS, *DIRECTION_GROUP_SETS])}")
+    known = [*CLIP_SETS, *DIRECTION_GROUP_SETS, *SPLICED_SETS]
+    if name not in known:
+        raise ValueError(f"{where}unknown clip set `{name}`: choose from {sorted(known)}")
     return name
 
 
@@ -195,6 +203,13 @@ def prepare_clip_set(
     folder = Path(workdir) / name
     if (folder / "captions.csv").is_file():
         return folder
+    if name in SPLICED_SETS:
+        parent, probability, seed = SPLICED_SETS[name]
+        source = prepare_clip_set(workdir, parent, num_clips=num_clips, log=log)
+        log(f"writing {name}: {source.name} with spliced direction embeddings")
+        encoder = Path(workdir) / "text" / "show-1-base" / "text_encoder"
+        write_spliced_captions(source, folder, encoder, probability=probability, seed=seed)
+        return folder
     if name in DIRECTION_GROUP_SETS:
         source = prepare_clip_set(workdir, DIRECTION_GROUP_SETS[name], num_clips=num_clips, log=log)
         log(f"writing {name}: {source.name} in direction groups")
@@ -205,6 +220,82 @@ def prepare_clip_set(
     with tqdm(total=num_clips, desc=name, unit="clip") as bar:
         generate_dataset(folder, num_clips, CLIP_SETS[name], combinations=split().train, seed=0, progress=bar)
     return folder
+
+
+def direction_token_count(tokenizer: Any, caption: str, direction: str) -> int:
+    """How many of ``caption``'s tokens (EOS excluded) spell its last word ``direction``: the caption's tokens are
+    those of the caption without it, then these (a ValueError if the tokenizer merges across the space)."""
+    from show1_jax.text import tokenize_t5
+
+    if not caption.endswith(" " + direction):
+        raise ValueError(f"caption {caption!r} does not end with its direction {direction!r}")
+    full, stem = (tokenize_t5(tokenizer, t) for t in (caption, caption[: -len(direction) - 1]))
+    n_full, n_stem = int(np.sum(full.attention_mask)), int(np.sum(stem.attention_mask))
+    if list(np.asarray(full.input_ids)[0, : n_stem - 1]) != list(np.asarray(stem.input_ids)[0, : n_stem - 1]):
+        raise ValueError(f"the tokenizer does not keep {caption!r}'s direction word in tokens of its own")
+    return n_full - n_stem
+
+
+def write_spliced_captions(
+    source: str | Path, out_dir: str | Path, text_encoder: str | Path, *, probability: float = 0.5, seed: int = 0
+) -> Path:
+    """``source``'s caption CSV with some captions' direction tokens taken from another caption: a contrast for the
+    direction word that held-out prompts need.
+
+    T5 encodes the direction word in the context of the colour and shape before it, so a held-out triple's direction
+    tokens are ones the keyframe UNet never saw; it read them as the nearest training caption's (same colour and
+    shape, another direction). With ``probability``, a row's caption becomes a key ``"<caption> | <donor>"`` whose
+    embedding is the caption's with its direction tokens replaced by those of a training caption with the same
+    direction and another (colour, shape), written to ``out_dir/embeddings.npz`` (``data.embeddings``). Rows keep
+    their order (direction groups stay whole); videos stay where they are.
+
+    Returns:
+      the written ``captions.csv``.
+    """
+    import csv
+    import os
+    import random
+
+    from show1_jax.data import save_caption_embeddings
+    from show1_jax.text import TextEncoder
+
+    source, out_dir = Path(source), Path(out_dir)
+    with open(source / "captions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    train = split().train
+    captions = {c: caption_for(c, DATASET.caption_template) for c in train}
+    encoder = TextEncoder(text_encoder)
+    embeds = dict(zip(captions.values(), encoder.encode(list(captions.values()))))
+    lengths = {t: int(np.sum(encoder.tokenize(t).attention_mask)) for t in captions.values()}  # EOS included
+    rng = random.Random(seed)
+    table: dict[str, np.ndarray] = {}
+    prefix = Path(os.path.relpath(source.resolve(), out_dir.resolve()))
+    for row in rows:
+        row["video_path"] = Path(os.path.normpath(prefix / row["video_path"])).as_posix()
+        if rng.random() >= probability:
+            continue
+        direction = row["direction"]
+        donors = [c for c in train if c.direction == direction and (c.colour, c.shape) != (row["colour"], row["shape"])]
+        donor = captions[rng.choice(donors)]
+        own = row["caption"]
+        if own not in embeds:
+            raise ValueError(f"{source}: caption {own!r} is not a training caption of the recipe")
+        n = direction_token_count(encoder.tokenizer, own, direction)
+        spliced = embeds[own].copy()
+        spliced[lengths[own] - 1 - n : lengths[own] - 1] = embeds[donor][lengths[donor] - 1 - n : lengths[donor] - 1]
+        key = f"{own} | {donor}"
+        table[key] = spliced
+        row["caption"] = key
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_caption_embeddings(out_dir / "embeddings.npz", table)
+    target = out_dir / "captions.csv"
+    tmp = target.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(target)  # last: an existing captions.csv means the set is complete
+    return target
 
 
 def train_recipe(

@@ -27,7 +27,7 @@ def test_split_holds_out_unseen_triples():
 
 CLIP_SET_OF = {"keyframes_c": "clips_c", "keyframes_c1": "clips_c1", "keyframes_pe": "clips_c1",
                "keyframes_c0": "clips_c0", "keyframes_quad": "clips_quad", "keyframes_quad2": "clips_quad",
-               "keyframes_quad3": "clips_quad", "keyframes_quad4": "clips_quad"}  # fmt: skip
+               "keyframes_quad3": "clips_quad", "keyframes_splice": "clips_splice"}  # fmt: skip
 
 
 def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
@@ -291,3 +291,53 @@ def test_clip_sets_are_rendered_with_their_paths_and_grouped_by_direction(tmp_pa
     assert demo.prepare_clip_set(tmp_path, "clips_quad", log=logs.append) == quad and len(logs) == 2  # kept
     with pytest.raises(ValueError, match="unknown clip set `clips_x`"):
         demo.prepare_clip_set(tmp_path, "clips_x")
+
+
+def test_spliced_captions_swap_only_the_direction_tokens(tmp_path):
+    from show1_jax.data import load_caption_embeddings
+    from show1_jax.data.synthetic import caption_for
+    from show1_jax.text import TextEncoder
+
+    encoder_dir = demo.write_text_encoders(tmp_path / "text")["t5"]
+    encoder = TextEncoder(encoder_dir)
+    tokenizer = encoder.tokenizer
+    assert demo.direction_token_count(tokenizer, "a red circle moving up", "up") == 1  # "▁up"
+    assert demo.direction_token_count(tokenizer, "a red circle moving left", "left") == 4  # "▁", "le", "f", "t"
+    with pytest.raises(ValueError, match="does not end with its direction"):
+        demo.direction_token_count(tokenizer, "a red circle moving up", "left")
+    # A source set: 64 rows of training triples (the videos are not read), in a folder beside the output.
+    train = demo.split().train
+    source = tmp_path / "groups"
+    source.mkdir()
+    rows = [(f"videos/{i:03d}.mp4", train[i % len(train)]) for i in range(64)]
+    with open(source / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_path", "caption", "colour", "shape", "direction"])
+        for path, c in rows:
+            writer.writerow([path, caption_for(c, demo.DATASET.caption_template), c.colour, c.shape, c.direction])
+    out = tmp_path / "spliced"
+    demo.write_spliced_captions(source, out, encoder_dir, probability=0.5, seed=3)
+    with open(out / "captions.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    table = load_caption_embeddings(out / "embeddings.npz")
+    assert [(r["colour"], r["shape"], r["direction"]) for r in written] == [tuple(c) for _, c in rows]  # order kept
+    assert all((out / r["video_path"]).resolve() == (source / p).resolve() for r, (p, _) in zip(written, rows))
+    spliced = [r for r in written if " | " in r["caption"]]
+    assert 16 <= len(spliced) <= 48 and set(table) == {r["caption"] for r in spliced}
+    for row in spliced:
+        own, donor = row["caption"].split(" | ")
+        assert own == caption_for(demo.Combination(row["colour"], row["shape"], row["direction"]))
+        assert donor.endswith(" " + row["direction"]) and not donor.startswith(own.rsplit(" ", 1)[0] + " ")
+        e_own, e_donor = encoder.encode([own, donor])
+        n = demo.direction_token_count(tokenizer, own, row["direction"])
+        length_own = int(np.sum(encoder.tokenize(own).attention_mask))
+        length_donor = int(np.sum(encoder.tokenize(donor).attention_mask))
+        changed = np.nonzero(np.abs(table[row["caption"]] - e_own).max(axis=1) > 1e-6)[0]
+        assert list(changed) == list(range(length_own - 1 - n, length_own - 1))
+        np.testing.assert_allclose(
+            table[row["caption"]][changed], e_donor[length_donor - 1 - n : length_donor - 1], atol=1e-6
+        )
+    # The recipe hands the table to the run that trains on the set.
+    settings = demo.stage_settings("keyframes_splice", tmp_path)
+    assert settings.data.embeddings == str(tmp_path / "clips_splice" / "embeddings.npz")
+    assert settings.data.batch_group_size == 4
