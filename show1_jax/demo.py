@@ -267,6 +267,7 @@ def write_spliced_captions(
     encoder = TextEncoder(text_encoder)
     embeds = dict(zip(captions.values(), encoder.encode(list(captions.values()))))
     lengths = {t: int(np.sum(encoder.tokenize(t).attention_mask)) for t in captions.values()}  # EOS included
+    spans = {t: direction_token_count(encoder.tokenizer, t, c.direction) for c, t in captions.items()}
     rng = random.Random(seed)
     table: dict[str, np.ndarray] = {}
     prefix = Path(os.path.relpath(source.resolve(), out_dir.resolve()))
@@ -280,7 +281,7 @@ def write_spliced_captions(
         own = row["caption"]
         if own not in embeds:
             raise ValueError(f"{source}: caption {own!r} is not a training caption of the recipe")
-        n = direction_token_count(encoder.tokenizer, own, direction)
+        n = spans[own]
         spliced = embeds[own].copy()
         spliced[lengths[own] - 1 - n : lengths[own] - 1] = embeds[donor][lengths[donor] - 1 - n : lengths[donor] - 1]
         key = f"{own} | {donor}"
