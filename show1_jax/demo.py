@@ -36,6 +36,7 @@ from show1_jax.data.synthetic import (
     caption_for,
     generate_dataset,
     split_combinations,
+    write_caption_rows,
     write_direction_groups,
 )
 
@@ -253,7 +254,6 @@ def write_spliced_captions(
       the written ``captions.csv``.
     """
     import csv
-    import os
     import random
 
     from show1_jax.data import save_caption_embeddings
@@ -270,9 +270,7 @@ def write_spliced_captions(
     spans = {t: direction_token_count(encoder.tokenizer, t, c.direction) for c, t in captions.items()}
     rng = random.Random(seed)
     table: dict[str, np.ndarray] = {}
-    prefix = Path(os.path.relpath(source.resolve(), out_dir.resolve()))
     for row in rows:
-        row["video_path"] = Path(os.path.normpath(prefix / row["video_path"])).as_posix()
         if rng.random() >= probability:
             continue
         direction = row["direction"]
@@ -287,16 +285,8 @@ def write_spliced_captions(
         key = f"{own} | {donor}"
         table[key] = spliced
         row["caption"] = key
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_caption_embeddings(out_dir / "embeddings.npz", table)
-    target = out_dir / "captions.csv"
-    tmp = target.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(target)  # last: an existing captions.csv means the set is complete
-    return target
+    return write_caption_rows(source, out_dir, rows)  # last: an existing captions.csv means the set is complete
 
 
 def train_recipe(

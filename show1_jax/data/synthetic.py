@@ -28,7 +28,7 @@ import itertools
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -372,6 +372,14 @@ def write_direction_groups(
                         " group with: generate more clips"
                     )
                 rows.append(rng.choice(pool))
+    return write_caption_rows(source, out_dir, rows)
+
+
+def write_caption_rows(source: str | Path, out_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """``out_dir/captions.csv`` of ``rows`` (video_path relative to ``source``, caption, colour, shape, direction):
+    a caption set over another folder's clips, its paths rebased onto ``out_dir``. Written last and atomically, so
+    an existing ``captions.csv`` means a complete set."""
+    source, out_dir = Path(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = Path(os.path.relpath(source.resolve(), out_dir.resolve()))
     target = out_dir / "captions.csv"
@@ -380,9 +388,8 @@ def write_direction_groups(
         writer = csv.writer(f)
         writer.writerow(["video_path", "caption", "colour", "shape", "direction"])
         for r in rows:
-            writer.writerow(
-                [(prefix / r["video_path"]).as_posix(), r["caption"], r["colour"], r["shape"], r["direction"]]
-            )
+            path = Path(os.path.normpath(prefix / r["video_path"])).as_posix()
+            writer.writerow([path, r["caption"], r["colour"], r["shape"], r["direction"]])
     os.replace(tmp, target)
     return target
 
@@ -400,6 +407,7 @@ __all__ = [
     "clip_specs",
     "generate_dataset",
     "read_metadata",
+    "write_caption_rows",
     "render_clip",
     "shape_mask",
     "split_combinations",
