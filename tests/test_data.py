@@ -404,3 +404,25 @@ def test_iterator_rejects_bad_arguments(built):
         BatchIterator(data, 2, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="cannot be split over 13 hosts"):
         data.batches(1, process_count=13)
+
+
+def test_direction_groups_hold_the_four_directions_of_one_pair_and_point_at_the_source_clips(tmp_path):
+    from show1_jax.data import write_direction_groups
+
+    config = SyntheticConfig(height=40, width=64, num_frames=8, fps=8.0, colours=("red", "blue"), shapes=("circle",))
+    held_out = ("blue", "circle", "up")
+    combos = [c for c in attribute_combinations(config) if tuple(c) != held_out]
+    generate_dataset(tmp_path / "source", 28, config, combinations=combos, seed=0)
+    target = write_direction_groups(tmp_path / "source", tmp_path / "groups", groups_per_pair=3, seed=1)
+    with open(target, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * len(DIRECTIONS) and not (tmp_path / "groups" / "captions.csv.tmp").exists()
+    for start in range(0, len(rows), len(DIRECTIONS)):
+        group = rows[start : start + len(DIRECTIONS)]
+        assert [r["direction"] for r in group] == list(DIRECTIONS)
+        assert all((tmp_path / "groups" / r["video_path"]).resolve().is_file() for r in group)
+        assert all(r["caption"] == f"a {r['colour']} circle moving {r['direction']}" for r in group)
+        pair = group[0]["colour"]
+        for r in group:  # the held-out triple is filled with the same shape in another colour
+            expected = "red" if (pair, "circle", r["direction"]) == held_out else pair
+            assert r["colour"] == expected
