@@ -140,7 +140,7 @@ def cmd_shapes_eval(args: argparse.Namespace) -> int:
     if not (weights / "show1_shapes.json").is_file():
         raise FileNotFoundError(f"{weights} is not a Show-1 Shapes folder: train one with `show1 shapes train`")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    combos = list(getattr(demo.split(), args.split))
+    combos = list(demo.validation_combinations() if args.split == "validation" else getattr(demo.split(), args.split))
     per_stage = demo.evaluate_stages(weights, combos, seeds=seeds, overrides=args.overrides)
     final = list(per_stage)[-1]
     reports = {"model": per_stage[final]}
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", metavar="key=value", help="generate settings overrides")
     q.add_argument("--weights", default=None, help="a Show-1 Shapes folder (default: the shipped one)")
     q.add_argument("--seeds", default="0,1", help="comma-separated seeds; one video per held-out prompt and seed")
-    q.add_argument("--split", choices=["held_out", "train"], default="held_out", help="which prompts to generate")
+    q.add_argument("--split", choices=["held_out", "train", "validation"], default="held_out",
+                   help="prompts to generate (validation: 19 training triples, to choose settings on)")  # fmt: skip
     q.add_argument("--no-floor", action="store_true", help="skip the untrained cascade (the floor)")
     q.add_argument("--report", default=None, help="also write the reports as JSON here")
     q.add_argument("--per-stage", action="store_true",

@@ -81,12 +81,30 @@ SPLICED_SETS = {"clips_splice": ("clips_quad", 0.5, 0)}
 # (whose predictions stay accurate at the highest noise levels, where this small model's epsilon left a noisy
 # background), then moved through the clip sets above and taught the direction word with direction groups (at high
 # noise, then at all noise levels). SR2 trains in the latent space of run 2's VAE (vae_more), whose decoder alone is
-# then taught to restore blurry, upsampled inputs (vae_restore: same latent space, so the shipped VAE).
+# then taught to restore blurry, upsampled inputs (vae_restore) and SR1's duller colours (vae_vivid: same latent
+# space, so the shipped VAE); sr2_more trains SR2's UNet on at the low noise levels it samples at.
 KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
                  "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3",
                  "keyframes_splice")  # fmt: skip
-STAGES = ("vae", "vae_more", "vae_restore", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2")
-FINETUNES = {"vae_more": "vae", "vae_restore": "vae_more", **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}
+STAGES = (
+    "vae",
+    "vae_more",
+    "vae_restore",
+    "vae_vivid",
+    *KEYFRAME_RUNS,
+    "interpolation",
+    "first_frame",
+    "sr1",
+    "sr2",
+    "sr2_more",
+)
+FINETUNES = {
+    "vae_more": "vae",
+    "vae_restore": "vae_more",
+    "vae_vivid": "vae_restore",
+    "sr2_more": "sr2",
+    **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1])),
+}
 SR2_VAE_RUN = "vae_more"
 # Where each shipped model comes from and goes in the released layout.
 REPOS = {
@@ -94,8 +112,8 @@ REPOS = {
     "interpolation": ("show-1-interpolation", "unet"),
     "first_frame": ("IF-II-L", "unet"),
     "sr1": ("show-1-sr1", "unet"),
-    "sr2": ("show-1-sr2", "unet"),
-    "vae_restore": ("show-1-sr2", "vae"),
+    "sr2_more": ("show-1-sr2", "unet"),
+    "vae_vivid": ("show-1-sr2", "vae"),
 }
 
 
@@ -114,6 +132,13 @@ def component(run: str) -> str:
 def split(config: SyntheticConfig = DATASET):
     """The demo's training / held-out triples (deterministic)."""
     return split_combinations(config, held_out_fraction=HELD_OUT_FRACTION, seed=SPLIT_SEED)
+
+
+def validation_combinations() -> tuple[Combination, ...]:
+    """Every fourth training triple, as many as the held-out ones (19): the prompts generation settings are chosen
+    on (`show1 shapes eval --split validation`), so that the held-out score is not tuned on."""
+    parts = split()
+    return tuple(parts.train[::4][: len(parts.held_out)])
 
 
 def all_captions(config: SyntheticConfig = DATASET) -> list[str]:

@@ -644,9 +644,11 @@ def vae_loss(vae: nnx.Module, images: Array, key: Array, settings: VAESettings) 
 def degrade_images(images: Array, key: Array, settings: VAESettings) -> Array:
     """``images`` [B, H, W, 3] in [-1, 1] with each, with probability ``settings.degrade_prob``, degraded as a latent
     upsampler's input is (:class:`VAESettings`): reduced ``degrade_factor`` times (linear, antialiased), resized
-    back (bicubic), blurred by a Gaussian of standard deviation uniform in [0, ``degrade_blur``] pixels."""
+    back (bicubic), blurred by a Gaussian of standard deviation uniform in [0, ``degrade_blur``] pixels, dulled by
+    :func:`desaturate` with a factor uniform in [1 - ``degrade_saturation``, 1]."""
     b, h, w, c = images.shape
     k_apply, k_sigma = jax.random.split(key)
+    k_saturation = jax.random.fold_in(key, 2)
     x = images.astype(jnp.float32)
     factor = settings.degrade_factor
     if factor > 1:
@@ -655,9 +657,22 @@ def degrade_images(images: Array, key: Array, settings: VAESettings) -> Array:
     if settings.degrade_blur > 0:
         sigma = jax.random.uniform(k_sigma, (b,), maxval=settings.degrade_blur)
         x = gaussian_blur(x, sigma, max_sigma=settings.degrade_blur)
+    if settings.degrade_saturation > 0:
+        x = desaturate(x, jax.random.uniform(k_saturation, (b,), minval=1.0 - settings.degrade_saturation))
     x = jnp.clip(x, -1.0, 1.0)
     chosen = jax.random.bernoulli(k_apply, settings.degrade_prob, (b,))[:, None, None, None]
     return jnp.where(chosen, x, images.astype(jnp.float32)).astype(images.dtype)
+
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
+
+
+def desaturate(images: Array, factor: Array) -> Array:
+    """[B, H, W, 3] RGB with each image's chroma scaled by ``factor`` [B] about its BT.601 luma, which is kept:
+    1 leaves the image as it is, 0 makes it grey. (SR1's generated frames come out this way, ~0.6-0.8.)"""
+    x = images.astype(jnp.float32)
+    luma = jnp.sum(x * jnp.asarray(LUMA_WEIGHTS, jnp.float32), axis=-1, keepdims=True)
+    return luma + factor.astype(jnp.float32)[:, None, None, None] * (x - luma)
 
 
 def gaussian_blur(images: Array, sigma: Array, *, max_sigma: float | None = None) -> Array:

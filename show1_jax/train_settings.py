@@ -168,9 +168,10 @@ class VAESettings:
 
     ``degrade_prob``: the probability that an image is *encoded* degraded as a latent upsampler's input is (reduced
     by ``degrade_factor`` with an antialiased linear filter, brought back by bicubic resizing, then blurred by a
-    Gaussian of standard deviation uniform in [0, ``degrade_blur``] pixels) while the loss still compares the
-    decoding with the clean image: with ``optim.trainable=decoder`` the decoder learns to restore the colours and
-    edges that an upsampled, blurry video's latents lose. 0 (default): plain reconstruction.
+    Gaussian of standard deviation uniform in [0, ``degrade_blur``] pixels, then its chroma scaled about its luma by
+    a factor uniform in [1 - ``degrade_saturation``, 1]) while the loss still compares the decoding with the clean
+    image: with ``optim.trainable=decoder`` the decoder learns to restore the colours and edges that an upsampled,
+    blurry, duller video's latents lose. 0 (default): plain reconstruction.
     """
 
     kl_weight: float = 1e-6
@@ -179,6 +180,7 @@ class VAESettings:
     degrade_prob: float = 0.0
     degrade_factor: int = 2
     degrade_blur: float = 0.0
+    degrade_saturation: float = 0.0
 
     def __post_init__(self):
         if self.kl_weight < 0:
@@ -193,6 +195,11 @@ class VAESettings:
             raise ValueError(f"vae.degrade_factor must be >= 1 (1: no resizing), got {self.degrade_factor}")
         if self.degrade_blur < 0:
             raise ValueError(f"vae.degrade_blur is a standard deviation in pixels (>= 0), got {self.degrade_blur}")
+        if not 0.0 <= self.degrade_saturation <= 1.0:
+            raise ValueError(
+                "vae.degrade_saturation is the largest fraction of the chroma taken away, in [0, 1] (0: colours kept),"
+                f" got {self.degrade_saturation}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,11 +23,20 @@ def test_split_holds_out_unseen_triples():
     assert set(split.train).isdisjoint(split.held_out)
     assert set(split.train) | set(split.held_out) == set(attribute_combinations(demo.DATASET))
     assert 0.15 <= len(split.held_out) / len(attribute_combinations(demo.DATASET)) <= 0.25
+    # The validation prompts (settings are chosen on them) are training triples, as many as the held-out ones, and
+    # name every attribute value of the dataset.
+    validation = demo.validation_combinations()
+    assert len(validation) == len(split.held_out) and set(validation) <= set(split.train)
+    assert validation == demo.validation_combinations() and len(set(validation)) == len(validation)
+    for attribute, values in (("colour", demo.DATASET.colours), ("shape", demo.DATASET.shapes),
+                              ("direction", demo.DATASET.directions)):  # fmt: skip
+        assert {getattr(c, attribute) for c in validation} == set(values)
 
 
 CLIP_SET_OF = {"keyframes_c": "clips_c", "keyframes_c1": "clips_c1", "keyframes_pe": "clips_c1",
                "keyframes_c0": "clips_c0", "keyframes_quad": "clips_quad", "keyframes_quad2": "clips_quad",
-               "keyframes_quad3": "clips_quad", "keyframes_splice": "clips_splice"}  # fmt: skip
+               "keyframes_quad3": "clips_quad", "keyframes_splice": "clips_splice",
+               "keyframes_splice_b": "clips_splice"}  # fmt: skip
 
 
 def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
@@ -61,7 +70,14 @@ def test_stage_settings_fill_paths_and_scale_steps(tmp_path):
     assert restore.model.pretrained == str(tmp_path / "runs" / "vae_more" / "vae")
     assert restore.optim.trainable == "decoder" and restore.vae.degrade_prob > 0
     assert not restore.vae.fit_scaling_factor
-    assert demo.REPOS["vae_restore"] == ("show-1-sr2", "vae")
+    vivid = demo.stage_settings("vae_vivid", tmp_path)  # and learns SR1's duller colours on from it
+    assert vivid.model.pretrained == str(tmp_path / "runs" / "vae_restore" / "vae")
+    assert vivid.optim.trainable == "decoder" and vivid.vae.degrade_saturation > 0 and not vivid.vae.fit_scaling_factor
+    assert demo.REPOS["vae_vivid"] == ("show-1-sr2", "vae")
+    sr2_more = demo.stage_settings("sr2_more", tmp_path)  # SR2's UNet on at the low noise levels it samples at
+    assert sr2_more.model.pretrained == str(tmp_path / "runs" / "sr2" / "unet")
+    assert sr2_more.model.vae == str(tmp_path / "runs" / "vae_more" / "vae") and sr2_more.diffusion.max_timestep == 250
+    assert demo.REPOS["sr2_more"] == ("show-1-sr2", "unet")
     assert demo.stage_settings("sr2", tmp_path).data.text_encoder.endswith("show-1-sr2/text_encoder")
     assert demo.stage_settings("keyframes", tmp_path).data.text_encoder.endswith("show-1-base/text_encoder")
     assert demo.stage_settings("keyframes", tmp_path, overrides=["steps=3"]).steps == 3
@@ -80,13 +96,13 @@ def fake_runs(workdir: Path) -> None:
         "interpolation": (UNet3DConditionModel, TINY_INTERP),
         "first_frame": (UNet2DConditionModel, TINY_IF2),
         "sr1": (UNet3DConditionModel, TINY_SR1),
-        "sr2": (UNet3DConditionModel, TINY_SR2),
-        "vae_restore": (AutoencoderKL, TINY_VAE),
+        "sr2_more": (UNet3DConditionModel, TINY_SR2),
+        "vae_vivid": (AutoencoderKL, TINY_VAE),
     }
     for i, (stage, (cls, config)) in enumerate(models.items()):
         run = workdir / "runs" / stage
         save_converted(random_model(cls, config, seed=i), run / demo.REPOS[stage][1])
-        if stage != "vae_restore":
+        if demo.REPOS[stage][1] == "unet":
             (run / "scheduler").mkdir(parents=True)
             (run / "scheduler" / "scheduler_config.json").write_text("{}")
     demo.write_text_encoders(workdir / "text")
@@ -242,6 +258,9 @@ def test_shapes_eval_prints_the_final_stage_floor_ceiling_and_per_stage_tables(t
     assert seen["steering"][::2] == (weights, [0, 2]) and pairs == sorted(set(pairs))
     assert set(pairs) == {(c.colour, c.shape) for c in demo.split().held_out}
     assert json.loads(out.read_text())["keyframe direction steering"] == {"accuracy": 0.25, "distinct": 0.25}
+    assert cli.main(args + ["--no-floor", "--split", "validation"]) == 0
+    assert seen["model"][1] == len(demo.validation_combinations())
+    assert "19 validation prompts x 2 seeds" in capsys.readouterr().out
 
 
 def test_direction_steering_tells_a_word_steered_model_from_a_noise_steered_one():

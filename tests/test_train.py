@@ -660,6 +660,32 @@ def test_degrade_images_resizes_and_blurs_as_configured():
     changed = np.asarray(jnp.any(degrade_images(many, key, VAESettings(degrade_prob=0.5, degrade_blur=1.0)) != many,
                                  axis=(1, 2, 3)))  # fmt: skip
     assert 20 <= changed.sum() <= 44, changed.sum()
+    # Desaturation keeps the BT.601 luma and scales the chroma: factor 1 is identity, 0 grey, 0.5 half-way.
+    from show1_jax.train import desaturate
+
+    colours = jnp.asarray(rng.uniform(-1, 1, (3, 2, 2, 3)), jnp.float32)
+    out = np.asarray(desaturate(colours, jnp.asarray([1.0, 0.0, 0.5])))
+    luma = np.asarray(colours) @ np.asarray([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(out[0], np.asarray(colours[0]), atol=1e-6)
+    np.testing.assert_allclose(out[1], np.repeat(luma[1][..., None], 3, -1), atol=1e-6)
+    np.testing.assert_allclose(
+        out[2] - luma[2][..., None], 0.5 * (np.asarray(colours[2]) - luma[2][..., None]), atol=1e-6
+    )
+    np.testing.assert_allclose(out @ np.asarray([0.299, 0.587, 0.114]), luma, atol=1e-6)
+    # In degrade_images, with nothing else configured: each image's chroma scaled by one factor in [1 - s, 1].
+    green = jnp.broadcast_to(jnp.asarray([-0.76, 0.57, -0.69]), (256, 4, 4, 3))
+    dull = np.asarray(
+        degrade_images(green, key, VAESettings(degrade_prob=1.0, degrade_factor=1, degrade_saturation=0.4))
+    )
+    green_luma = float(np.asarray([-0.76, 0.57, -0.69]) @ np.asarray([0.299, 0.587, 0.114]))
+    factors = (dull[:, 0, 0, 1] - green_luma) / (0.57 - green_luma)
+    np.testing.assert_allclose(dull - dull[:, :1, :1], 0.0, atol=1e-6)  # one factor per image
+    assert factors.min() >= 0.6 - 1e-5 and factors.max() <= 1.0 + 1e-5 and factors.max() - factors.min() > 0.3
+    # Probability, resizing and blur draw the same numbers as without desaturation (a run's other draws are kept).
+    blurry = VAESettings(degrade_prob=0.5, degrade_blur=1.0)
+    both = VAESettings(degrade_prob=0.5, degrade_blur=1.0, degrade_saturation=0.3)
+    grey = jnp.broadcast_to(jnp.mean(many, axis=-1, keepdims=True), many.shape)
+    np.testing.assert_allclose(degrade_images(grey, key, both), degrade_images(grey, key, blurry), atol=1e-6)
 
 
 def test_single_frame_stages_refuse_models_and_settings_that_do_not_fit(workspace, tmp_path):
@@ -700,6 +726,7 @@ def test_single_frame_stages_refuse_models_and_settings_that_do_not_fit(workspac
         (["stage=vae", "vae.degrade_prob=1.5"], r"vae.degrade_prob is a probability"),
         (["stage=vae", "vae.degrade_factor=0"], r"vae.degrade_factor must be >= 1"),
         (["stage=vae", "vae.degrade_blur=-1"], r"vae.degrade_blur is a standard deviation"),
+        (["stage=vae", "vae.degrade_saturation=1.5"], r"vae.degrade_saturation is the largest fraction"),
         (["optim.trainable=encoder"], r"choose one of \('all', 'temporal', 'temporal_attention', 'decoder'\)"),
         (["stage=vae", "model.vae=tiny"], r"model.vae is SR2's frozen VAE"),
         (["stage=first_frame", "first_frame.low_res_factor=0"], r"first_frame.low_res_factor must be >= 1"),
