@@ -85,7 +85,7 @@ SPLICED_SETS = {"clips_splice": ("clips_quad", 0.5, 0)}
 # space, so the shipped VAE); sr2_more trains SR2's UNet on at the low noise levels it samples at.
 KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
                  "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3",
-                 "keyframes_splice")  # fmt: skip
+                 "keyframes_splice", "keyframes_splice_b")  # fmt: skip
 STAGES = (
     "vae",
     "vae_more",
