@@ -86,25 +86,10 @@ SPLICED_SETS = {"clips_splice": ("clips_quad", 0.5, 0)}
 KEYFRAME_RUNS = ("keyframes", "keyframes_v", "keyframes_long", "keyframes_c", "keyframes_c1", "keyframes_pe",
                  "keyframes_c0", "keyframes_quad", "keyframes_quad2", "keyframes_quad3",
                  "keyframes_splice", "keyframes_splice_b")  # fmt: skip
-STAGES = (
-    "vae",
-    "vae_more",
-    "vae_restore",
-    "vae_vivid",
-    *KEYFRAME_RUNS,
-    "interpolation",
-    "first_frame",
-    "sr1",
-    "sr2",
-    "sr2_more",
-)
-FINETUNES = {
-    "vae_more": "vae",
-    "vae_restore": "vae_more",
-    "vae_vivid": "vae_restore",
-    "sr2_more": "sr2",
-    **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1])),
-}
+STAGES = ("vae", "vae_more", "vae_restore", "vae_vivid", *KEYFRAME_RUNS, "interpolation", "first_frame", "sr1", "sr2",
+          "sr2_more")  # fmt: skip
+FINETUNES = {"vae_more": "vae", "vae_restore": "vae_more", "vae_vivid": "vae_restore", "sr2_more": "sr2",
+             **dict(zip(KEYFRAME_RUNS[1:], KEYFRAME_RUNS[:-1]))}  # fmt: skip
 SR2_VAE_RUN = "vae_more"
 # Where each shipped model comes from and goes in the released layout.
 REPOS = {
